@@ -1,0 +1,37 @@
+// Range kernels of the CPU backend, one table per instruction set. The table entries
+// process elements [begin, end) of contiguous buffers on the calling thread; threading
+// lives in ops_cpu.cpp. Each ISA variant is the same source (kernels_impl.h) compiled
+// with different target flags, and results are bit-identical across variants because
+// all arithmetic is integer (or exact IEEE addition).
+#pragma once
+#include <cstdint>
+
+#include "gatesim/rounding.h"
+
+namespace gatesim {
+namespace cpu {
+
+// Output encodings of quantize.
+enum Enc : int {
+  kEncF32 = 0,   // fp32 bits
+  kEncHi16 = 1,  // bf16: the high half of the fp32 bits
+  kEnc16 = 2,    // any format of <= 16 bits, right-aligned (fp16)
+  kEnc8 = 3,     // any format of <= 8 bits (fp8)
+};
+
+struct KernelTable {
+  const char* name;
+  void (*quantize)(const uint32_t* x, void* y, int enc, int64_t begin, int64_t end,
+                   const Spec& sp, int mode, uint64_t seed, uint64_t offset);
+  void (*ulp)(const uint32_t* x, uint32_t* y, int64_t begin, int64_t end, const Spec& sp);
+  void (*absorbed)(const float* w, const float* dl, bool* y, int64_t begin, int64_t end,
+                   const Spec& sp, int mode, uint64_t seed, uint64_t offset);
+  void (*random_bits)(uint32_t* y, int64_t begin, int64_t end, uint64_t seed, uint64_t offset);
+};
+
+extern const KernelTable kTableBase;
+extern const KernelTable kTableAvx2;
+extern const KernelTable kTableAvx512;
+
+}  // namespace cpu
+}  // namespace gatesim

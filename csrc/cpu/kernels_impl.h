@@ -1,0 +1,159 @@
+// The CPU range kernels. Included once per ISA variant by kernels_<isa>.cpp, which
+// defines GS_TABLE (the table's name) and GS_ISA_NAME first. Only our own headers
+// and the C library may be included here: anything else compiled under a
+// `#pragma GCC target` could leak wider instructions into shared inline code.
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#include "gatesim/philox.h"
+#include "gatesim/rounding.h"
+#include "cpu/philox_simd.h"
+
+namespace gatesim {
+namespace cpu {
+namespace {
+
+template <int ENC>
+struct Out;
+template <> struct Out<kEncF32> { using T = uint32_t; };
+template <> struct Out<kEncHi16> { using T = uint16_t; };
+template <> struct Out<kEnc16> { using T = uint16_t; };
+template <> struct Out<kEnc8> { using T = uint8_t; };
+
+template <int ENC>
+inline typename Out<ENC>::T encode(uint32_t r, const Spec& sp) {
+  using T = typename Out<ENC>::T;
+  if (ENC == kEncF32) return static_cast<T>(r);
+  if (ENC == kEncHi16) return static_cast<T>(r >> 16);  // exact: r is a bf16 value
+  return static_cast<T>(encode_bits(r, sp));
+}
+
+// Deterministic rounding: a plain elementwise loop the compiler vectorizes.
+template <int MODE, bool UNIFORM, int ENC>
+void quantize_plain(const uint32_t* __restrict__ x, void* yv, int64_t b, int64_t e,
+                    const Spec& sp) {
+  using T = typename Out<ENC>::T;
+  T* __restrict__ y = static_cast<T*>(yv);
+  const Spec s = sp;
+  // `omp simd` marks the loop force-vectorize, which lets GCC if-convert it fully.
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    y[i] = encode<ENC>(round_bits<MODE, UNIFORM, uint32_t>(x[i], s, 0u), s);
+  }
+}
+
+// Stochastic rounding: random words are made 64 at a time (one stream block), then
+// consumed by an elementwise loop. Block boundaries follow stream positions, not
+// chunk boundaries, so any chunking yields the same words.
+template <bool UNIFORM, int ENC>
+void quantize_stochastic(const uint32_t* __restrict__ x, void* yv, int64_t b, int64_t e,
+                         const Spec& sp, uint64_t seed, uint64_t offset) {
+  using T = typename Out<ENC>::T;
+  T* __restrict__ y = static_cast<T*>(yv);
+  const Spec s = sp;
+  alignas(64) uint32_t rnd[64];
+  int64_t i = b;
+  while (i < e) {
+    const uint64_t p = offset + static_cast<uint64_t>(i);
+    const int64_t skip = static_cast<int64_t>(p & 63u);
+    random_block64_simd(seed, p >> 6, rnd);
+    const int64_t cnt = (64 - skip) < (e - i) ? (64 - skip) : (e - i);
+    const uint32_t* __restrict__ xr = x + i;
+    T* __restrict__ yr = y + i;
+    const uint32_t* __restrict__ rr = rnd + skip;
+#pragma omp simd
+    for (int64_t j = 0; j < cnt; ++j) {
+      yr[j] = encode<ENC>(round_bits<kStochastic, UNIFORM, uint32_t>(xr[j], s, rr[j]), s);
+    }
+    i += cnt;
+  }
+}
+
+template <bool UNIFORM, int ENC>
+void quantize_mode(const uint32_t* x, void* y, int64_t b, int64_t e, const Spec& sp, int mode,
+                   uint64_t seed, uint64_t offset) {
+  switch (mode) {
+    case kNearestEven: return quantize_plain<kNearestEven, UNIFORM, ENC>(x, y, b, e, sp);
+    case kNearestAway: return quantize_plain<kNearestAway, UNIFORM, ENC>(x, y, b, e, sp);
+    case kTowardZero: return quantize_plain<kTowardZero, UNIFORM, ENC>(x, y, b, e, sp);
+    case kUp: return quantize_plain<kUp, UNIFORM, ENC>(x, y, b, e, sp);
+    case kDown: return quantize_plain<kDown, UNIFORM, ENC>(x, y, b, e, sp);
+    case kOdd: return quantize_plain<kOdd, UNIFORM, ENC>(x, y, b, e, sp);
+    default: return quantize_stochastic<UNIFORM, ENC>(x, y, b, e, sp, seed, offset);
+  }
+}
+
+void quantize_range(const uint32_t* x, void* y, int enc, int64_t b, int64_t e, const Spec& sp,
+                    int mode, uint64_t seed, uint64_t offset) {
+  if (sp.uniform) {
+    switch (enc) {
+      case kEncF32: return quantize_mode<true, kEncF32>(x, y, b, e, sp, mode, seed, offset);
+      case kEncHi16: return quantize_mode<true, kEncHi16>(x, y, b, e, sp, mode, seed, offset);
+      case kEnc16: return quantize_mode<true, kEnc16>(x, y, b, e, sp, mode, seed, offset);
+      default: return quantize_mode<true, kEnc8>(x, y, b, e, sp, mode, seed, offset);
+    }
+  }
+  switch (enc) {
+    case kEncF32: return quantize_mode<false, kEncF32>(x, y, b, e, sp, mode, seed, offset);
+    case kEnc16: return quantize_mode<false, kEnc16>(x, y, b, e, sp, mode, seed, offset);
+    default: return quantize_mode<false, kEnc8>(x, y, b, e, sp, mode, seed, offset);
+  }
+}
+
+void ulp_range(const uint32_t* __restrict__ x, uint32_t* __restrict__ y, int64_t b, int64_t e,
+               const Spec& sp) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) y[i] = ulp_bits(x[i], sp);
+}
+
+// absorbed: delta != 0, w not NaN, and the format's rounding of the exact w + delta
+// equals w (+0 and -0 count as equal, as in bitwise sparsity).
+template <int MODE>
+void absorbed_mode(const float* __restrict__ w, const float* __restrict__ dl, bool* __restrict__ y,
+                   int64_t b, int64_t e, const Spec& sp, uint64_t seed, uint64_t offset) {
+  const Spec s = sp;
+  const int rcap = exact_sum_rcap(s);
+  for (int64_t i = b; i < e; ++i) {
+    const uint32_t rnd =
+        MODE == kStochastic ? random_word(seed, offset + static_cast<uint64_t>(i)) : 0u;
+    const uint32_t r = round_bits<MODE, false, uint64_t>(sum_to_odd(w[i], dl[i]), s, rnd, rcap);
+    const uint32_t wb = f32_bits(w[i]);
+    const bool same = r == wb || ((r | wb) & 0x7FFFFFFFu) == 0;
+    const bool w_nan = (wb & 0x7FFFFFFFu) > 0x7F800000u;
+    y[i] = dl[i] != 0.0f && !w_nan && same;
+  }
+}
+
+void absorbed_range(const float* w, const float* dl, bool* y, int64_t b, int64_t e,
+                    const Spec& sp, int mode, uint64_t seed, uint64_t offset) {
+  switch (mode) {
+    case kNearestEven: return absorbed_mode<kNearestEven>(w, dl, y, b, e, sp, seed, offset);
+    case kNearestAway: return absorbed_mode<kNearestAway>(w, dl, y, b, e, sp, seed, offset);
+    case kTowardZero: return absorbed_mode<kTowardZero>(w, dl, y, b, e, sp, seed, offset);
+    case kUp: return absorbed_mode<kUp>(w, dl, y, b, e, sp, seed, offset);
+    case kDown: return absorbed_mode<kDown>(w, dl, y, b, e, sp, seed, offset);
+    case kOdd: return absorbed_mode<kOdd>(w, dl, y, b, e, sp, seed, offset);
+    default: return absorbed_mode<kStochastic>(w, dl, y, b, e, sp, seed, offset);
+  }
+}
+
+void random_bits_range(uint32_t* y, int64_t b, int64_t e, uint64_t seed, uint64_t offset) {
+  alignas(64) uint32_t rnd[64];
+  int64_t i = b;
+  while (i < e) {
+    const uint64_t p = offset + static_cast<uint64_t>(i);
+    const int64_t skip = static_cast<int64_t>(p & 63u);
+    random_block64_simd(seed, p >> 6, rnd);
+    const int64_t cnt = (64 - skip) < (e - i) ? (64 - skip) : (e - i);
+    for (int64_t j = 0; j < cnt; ++j) y[i + j] = rnd[skip + j];
+    i += cnt;
+  }
+}
+
+}  // namespace
+
+extern const KernelTable GS_TABLE = {GS_ISA_NAME, quantize_range, ulp_range, absorbed_range,
+                                     random_bits_range};
+
+}  // namespace cpu
+}  // namespace gatesim

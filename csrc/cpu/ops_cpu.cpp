@@ -1,0 +1,184 @@
+// CPU kernels of the gatesim ops: argument checks, threading, ISA dispatch.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "format_check.h"
+#include "gatesim/rounding.h"
+
+namespace gatesim {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (std::strcmp(isa, "avx512") == 0) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2");
+#endif
+  return std::strcmp(isa, "base") == 0;
+}
+
+// The best table this CPU runs; GATESIM_CPU_ISA=base|avx2|avx512 forces one (tests
+// use it to show every variant gives the same bits).
+const KernelTable* pick_table() {
+  if (const char* want = std::getenv("GATESIM_CPU_ISA")) {
+    TORCH_CHECK_VALUE(cpu_has(want), "GATESIM_CPU_ISA=", want,
+                      " is not available on this CPU (use base, avx2 or avx512)");
+    if (std::strcmp(want, "avx512") == 0) return &kTableAvx512;
+    if (std::strcmp(want, "avx2") == 0) return &kTableAvx2;
+    return &kTableBase;
+  }
+  if (cpu_has("avx512")) return &kTableAvx512;
+  if (cpu_has("avx2")) return &kTableAvx2;
+  return &kTableBase;
+}
+
+const KernelTable& table() {
+  static const KernelTable* t = pick_table();
+  return *t;
+}
+
+void check_float_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be on the CPU for this kernel, got ",
+                    x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
+}
+
+int enc_for(at::ScalarType t, const Spec& sp) {
+  switch (t) {
+    case at::kFloat: return kEncF32;
+    case at::kBFloat16:
+      TORCH_CHECK_TYPE(sp.ebits == 8 && sp.m == 7 && sp.uniform, "bfloat16 output needs BF16");
+      return kEncHi16;
+    case at::kHalf:
+      TORCH_CHECK_TYPE(sp.ebits == 5 && sp.m == 10 && sp.bias == 15, "float16 output needs FP16");
+      return kEnc16;
+    case at::kFloat8_e4m3fn:
+      TORCH_CHECK_TYPE(sp.ebits == 4 && sp.m == 3 && sp.bias == 7 && sp.nan_all_ones,
+                       "float8_e4m3fn output needs E4M3FN");
+      return kEnc8;
+    case at::kFloat8_e5m2:
+      TORCH_CHECK_TYPE(sp.ebits == 5 && sp.m == 2 && sp.bias == 15 && !sp.nan_all_ones,
+                       "float8_e5m2 output needs E5M2");
+      return kEnc8;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported output dtype ", t);
+  }
+  return kEncF32;
+}
+
+void check_mode(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode < kNumModes, "mode must be in 0..", kNumModes - 1,
+                    ", got ", mode);
+}
+
+void check_stream(int64_t seed, int64_t offset, int64_t n) {
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be non-negative, got ", seed);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
+  TORCH_CHECK_VALUE(offset <= (int64_t{1} << 62) - n, "offset + numel exceeds 2**62");
+}
+
+void quantize_out_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, int64_t seed,
+                      int64_t offset, at::Tensor& out) {
+  check_float_input(x, "x");
+  check_mode(mode);
+  check_stream(seed, offset, x.numel());
+  const Spec sp = spec_from_list(fmt);
+  TORCH_CHECK_VALUE(out.device().is_cpu(), "out must be on the CPU, got ", out.device());
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "out has shape ", out.sizes(), ", x has ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  const int enc = enc_for(out.scalar_type(), sp);
+  const auto* xp = static_cast<const uint32_t*>(x.const_data_ptr());
+  void* yp = out.mutable_data_ptr();
+  const KernelTable& t = table();
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+    t.quantize(xp, yp, enc, b, e, sp, static_cast<int>(mode), static_cast<uint64_t>(seed),
+               static_cast<uint64_t>(offset));
+  });
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, int64_t seed,
+                        int64_t offset, at::ScalarType dtype) {
+  check_float_input(x, "x");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  quantize_out_cpu(x, fmt, mode, seed, offset, out);
+  return out;
+}
+
+at::Tensor ulp_cpu(const at::Tensor& x, c10::IntArrayRef fmt) {
+  check_float_input(x, "x");
+  const Spec sp = spec_from_list(fmt);
+  at::Tensor out = at::empty_like(x);
+  const auto* xp = static_cast<const uint32_t*>(x.const_data_ptr());
+  auto* yp = static_cast<uint32_t*>(out.mutable_data_ptr());
+  const KernelTable& t = table();
+  at::parallel_for(0, x.numel(), kGrain,
+                   [&](int64_t b, int64_t e) { t.ulp(xp, yp, b, e, sp); });
+  return out;
+}
+
+at::Tensor absorbed_cpu(const at::Tensor& w, const at::Tensor& delta, c10::IntArrayRef fmt,
+                        int64_t mode, int64_t seed, int64_t offset) {
+  check_float_input(w, "w");
+  check_float_input(delta, "delta");
+  TORCH_CHECK_VALUE(w.sizes() == delta.sizes(), "delta has shape ", delta.sizes(),
+                    ", w has ", w.sizes());
+  check_mode(mode);
+  check_stream(seed, offset, w.numel());
+  const Spec sp = spec_from_list(fmt);
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBool));
+  const auto* wp = w.const_data_ptr<float>();
+  const auto* dp = delta.const_data_ptr<float>();
+  auto* yp = out.mutable_data_ptr<bool>();
+  const KernelTable& t = table();
+  at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
+    t.absorbed(wp, dp, yp, b, e, sp, static_cast<int>(mode), static_cast<uint64_t>(seed),
+               static_cast<uint64_t>(offset));
+  });
+  return out;
+}
+
+void random_bits_out_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kInt || out.scalar_type() == at::kUInt32,
+                   "out must be int32 or uint32, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  check_stream(seed, offset, out.numel());
+  auto* yp = static_cast<uint32_t*>(out.mutable_data_ptr());
+  const KernelTable& t = table();
+  at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+    t.random_bits(yp, b, e, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  });
+}
+
+std::string cpu_isa() { return table().name; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gatesim, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_out", &quantize_out_cpu);
+  m.impl("ulp", &ulp_cpu);
+  m.impl("absorbed", &absorbed_cpu);
+  m.impl("random_bits_out", &random_bits_out_cpu);
+}
+
+}  // namespace cpu
+}  // namespace gatesim

@@ -1,0 +1,92 @@
+// random_block64 (gatesim/philox.h) with explicit SIMD: 16 Philox4x32-10 calls at once.
+// Compilers vectorize the scalar loop with 64-bit multiplies (vpmullq), which is
+// several times slower than the widening 32x32->64 vpmuludq used here. The output
+// is the same 64 words as random_block64; tests compare the two.
+#pragma once
+#include <cstdint>
+
+#include "gatesim/philox.h"
+
+#if defined(GS_ISA_AVX512) || defined(GS_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace gatesim {
+namespace cpu {
+
+#if defined(GS_ISA_AVX512)
+inline void philox_mulhilo(__m512i c, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i ev = _mm512_mul_epu32(c, m);                         // even lanes
+  const __m512i od = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // odd lanes
+  lo = _mm512_mask_blend_epi32(0xAAAA, ev, _mm512_slli_epi64(od, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(ev, 32), od);
+}
+
+inline void random_block64_simd(uint64_t seed, uint64_t block, uint32_t* out) {
+  const uint64_t base = block << 4;  // 16 consecutive counters; the high word is shared
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                  13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(base >> 32));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int r = 0; r < 10; ++r) {
+    __m512i hi0, lo0, hi1, lo1;
+    philox_mulhilo(c0, m0, hi0, lo0);
+    philox_mulhilo(c2, m1, hi1, lo1);
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  _mm512_storeu_si512(out, c0);
+  _mm512_storeu_si512(out + 16, c1);
+  _mm512_storeu_si512(out + 32, c2);
+  _mm512_storeu_si512(out + 48, c3);
+}
+#elif defined(GS_ISA_AVX2)
+inline void philox_mulhilo(__m256i c, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i ev = _mm256_mul_epu32(c, m);
+  const __m256i od = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+  lo = _mm256_blend_epi32(ev, _mm256_slli_epi64(od, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(ev, 32), od, 0xAA);
+}
+
+inline void random_block64_simd(uint64_t seed, uint64_t block, uint32_t* out) {
+  const uint64_t base = block << 4;
+  for (int half = 0; half < 2; ++half) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base + 8 * half)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(base >> 32));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    for (int r = 0; r < 10; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      philox_mulhilo(c0, m0, hi0, lo0);
+      philox_mulhilo(c2, m1, hi1, lo1);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    uint32_t* o = out + 8 * half;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 48), c3);
+  }
+}
+#else
+inline void random_block64_simd(uint64_t seed, uint64_t block, uint32_t* out) {
+  random_block64(seed, block, out);
+}
+#endif
+
+}  // namespace cpu
+}  // namespace gatesim

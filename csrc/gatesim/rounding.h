@@ -1,0 +1,333 @@
+// Bit-exact rounding of binary floating-point values into narrower formats.
+//
+// Header-only, integer-only (apart from exact IEEE additions in sum_to_odd), and
+// usable from host and device code: the CPU kernels (every ISA variant) and the CUDA
+// kernels all call these functions, so they cannot disagree.
+//
+// The central observation: for a finite non-negative IEEE value, the bit pattern read
+// as an unsigned integer ("a-space") is monotone in the value, and within one binade
+// (and across the whole subnormal range plus the first normal binade) consecutive
+// integers are equally spaced values. Rounding to a coarser grid whose spacing is 2^d
+// source ulps is therefore "clear the low d bits, maybe add 2^d", and a carry out of
+// the mantissa moves into the next binade exactly as the value does.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "gatesim/platform.h"
+
+namespace gatesim {
+
+// Rounding modes; the numbers are the op-level ABI shared with gatesim/formats.py.
+enum Mode : int32_t {
+  kNearestEven = 0,  // IEEE roundTiesToEven
+  kNearestAway = 1,  // IEEE roundTiesToAway
+  kTowardZero = 2,   // IEEE roundTowardZero
+  kUp = 3,           // IEEE roundTowardPositive
+  kDown = 4,         // IEEE roundTowardNegative
+  kOdd = 5,          // round to odd: truncate, set the last bit if inexact
+  kStochastic = 6,   // away from zero with probability = fraction of the gap
+  kNumModes = 7,
+};
+
+// Everything a kernel needs about the target format. Built by make_spec from the
+// six numbers that define a format; gatesim.Format derives the same quantities in
+// Python and the tests hold the two together.
+struct Spec {
+  int32_t ebits;      // exponent field width
+  int32_t m;          // stored mantissa bits
+  int32_t bias;       // exponent bias
+  int32_t emin;       // exponent of the smallest normal value
+  int32_t msub;       // mantissa bits below 2^emin: m with subnormals, 0 without
+  uint32_t max_bits;  // fp32 bits of the largest finite magnitude
+  uint32_t q_bits;    // fp32 bits of the smallest non-zero magnitude, 2^(emin - msub)
+  bool has_inf;       // the format encodes infinities
+  bool nan_all_ones;  // OCP "fn": NaN is the all-ones pattern, no infinities
+  bool saturate;      // overflow and infinite inputs go to +-largest finite
+  uint32_t inf_result;  // fp32 bits given where infinity is due: inf, max (saturate) or NaN
+  bool uniform;       // fp32's exponent range with subnormals: a fixed d = 23 - m
+  int32_t rand_bits;  // stochastic: random bits per decision; 0 = every dropped bit (max 32)
+};
+
+GS_HD uint32_t f32_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+GS_HD float bits_f32(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+GS_HD uint64_t f64_bits(double f) {
+  uint64_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+GS_HD double bits_f64(uint64_t u) {
+  double f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// fp32 bits of 2^k for -149 <= k <= 127 (subnormal powers included).
+GS_HD uint32_t pow2_bits(int k) {
+  return k >= -126 ? static_cast<uint32_t>(k + 127) << 23 : (1u << (k + 149));
+}
+
+// Derives the kernel constants. The caller has validated the parameters (Python
+// raises ValueError naming the parameter); the op layer re-checks them with TORCH_CHECK.
+GS_HD Spec make_spec(int ebits, int m, int bias, bool subnormals, bool has_inf,
+                     bool nan_all_ones, bool saturate, int rand_bits) {
+  Spec s;
+  s.ebits = ebits;
+  s.m = m;
+  s.bias = bias;
+  s.emin = 1 - bias;
+  s.msub = subnormals ? m : 0;
+  const int top = (1 << ebits) - 1;  // all-ones exponent field
+  int emax;
+  uint32_t maxmant;  // largest finite mantissa field
+  const uint32_t ones = (m > 0) ? ((1u << m) - 1u) : 0u;
+  if (nan_all_ones) {
+    // Top exponent holds finite values except the all-ones mantissa (NaN). With no
+    // mantissa bits the whole top exponent is NaN.
+    emax = (m > 0 ? top : top - 1) - bias;
+    maxmant = (m > 0) ? ones - 1u : 0u;
+  } else {
+    emax = (top - 1) - bias;  // top exponent reserved for inf/NaN
+    maxmant = ones;
+  }
+  s.max_bits = (static_cast<uint32_t>(emax + 127) << 23) | (maxmant << (23 - m));
+  s.q_bits = pow2_bits(s.emin - s.msub);
+  s.has_inf = has_inf;
+  s.nan_all_ones = nan_all_ones;
+  s.saturate = saturate;
+  s.inf_result = saturate ? s.max_bits : (has_inf ? 0x7F800000u : 0x7FC00000u);
+  s.uniform = (ebits == 8 && bias == 127 && subnormals);
+  s.rand_bits = rand_bits;
+  return s;
+}
+
+// Source word layouts: fp32 (quantize) and fp64 (exact sums, see sum_to_odd).
+template <typename U>
+struct Src;
+template <>
+struct Src<uint32_t> {
+  static constexpr int M = 23, BIAS = 127, W = 32;
+  static constexpr uint32_t ABS = 0x7FFFFFFFu, INF = 0x7F800000u;
+  GS_HD static uint32_t from_f32(uint32_t b) { return b; }
+  GS_HD static uint32_t to_f32(uint32_t b) { return b; }
+};
+template <>
+struct Src<uint64_t> {
+  static constexpr int M = 52, BIAS = 1023, W = 64;
+  static constexpr uint64_t ABS = 0x7FFFFFFFFFFFFFFFull, INF = 0x7FF0000000000000ull;
+  GS_HD static uint64_t from_f32(uint32_t b) {
+    return f64_bits(static_cast<double>(bits_f32(b)));
+  }
+  // Exact: only called on values representable in fp32 (or overflowed, then unused).
+  GS_HD static uint32_t to_f32(uint64_t b) {
+    return f32_bits(static_cast<float>(bits_f64(b)));
+  }
+};
+
+GS_HD int clz32(uint32_t x) {  // x != 0
+#if defined(__CUDA_ARCH__)
+  return __clz(static_cast<int>(x));
+#else
+  return __builtin_clz(x);
+#endif
+}
+
+// Branch-free select: pick ? b : a, with pick 0 or 1.
+GS_HD uint32_t blend(uint32_t a, uint32_t b, uint32_t pick) {
+  return a ^ ((a ^ b) & (0u - pick));
+}
+
+template <typename U>
+GS_HD U shr_sat(U x, int n) {  // x >> n, 0 once n reaches the width
+  return n >= static_cast<int>(sizeof(U) * 8) ? U(0) : (x >> n);
+}
+
+// Whether an overflow in this mode goes to infinity (else to the largest finite),
+// per IEEE 754-2019 7.4; round-to-odd truncates, stochastic rounds away.
+template <int MODE>
+GS_HD uint32_t overflow_to_inf(uint32_t sign) {  // 1: infinity, 0: largest finite
+  if (MODE == kTowardZero || MODE == kOdd) return 0u;
+  if (MODE == kUp) return sign ^ 1u;
+  if (MODE == kDown) return sign;
+  return 1u;
+}
+
+// Rounds the finite magnitude `a` (source bits; sign only matters for up/down) to the
+// format and returns the result's magnitude in source bits. `ovf` is 1 when the
+// rounded magnitude exceeds the largest finite value. `rnd` is the 32-bit random word
+// (stochastic mode only); `rcap` caps the random bits used (see sum_to_odd).
+template <int MODE, bool UNIFORM, typename U>
+GS_HD U round_magnitude(U a, uint32_t sign, const Spec& sp, uint32_t rnd, int rcap,
+                        U max_src, U q_src, U& ovf) {
+  using T = Src<U>;
+  // Exponent arithmetic stays in the word type U (GCC vectorizes poorly across mixed
+  // int/unsigned chains). Eb = biased exponent, with subnormals counted as 1.
+  const U Ef = a >> T::M;
+  const U Eb = Ef > U(1) ? Ef : U(1);
+  const int e = static_cast<int>(Eb) - T::BIAS;  // binade exponent
+  const U sig = Ef != 0 ? ((a & ((U(1) << T::M) - 1)) | (U(1) << T::M)) : a;
+  // d = number of source-ulp bits below the format's last bit at this magnitude.
+  // Source subnormals (Ef == 0) lie below every format's 2^emin (emin >= -126), except
+  // in uniform formats, whose subnormal grid is the source's. Their a-space unit is
+  // that of e = source emin, which is what e holds for them.
+  const bool normal = UNIFORM || (Ef != 0 && e >= sp.emin);
+  int d;
+  bool tiny;  // |x| < smallest non-zero format value: candidates are 0 and q
+  if (UNIFORM) {
+    d = T::M - sp.m;
+    tiny = false;
+  } else {
+    d = normal ? T::M - sp.m : T::M - sp.msub + (sp.emin - e);
+    tiny = d > T::M;
+  }
+  const int dn = tiny ? 0 : d;
+  const U k = a >> dn;                                 // truncated, in units of 2^d
+  const U rem = tiny ? sig : (a & ((U(1) << dn) - 1));  // dropped part; < 2^d
+
+  // Last bit of the truncated result's encoding, for ties-to-even and round-to-odd.
+  // With no mantissa bits the encoding's last bit is the biased exponent's; below
+  // 2^emin it is the subnormal significand's; a tiny value truncates to zero (even).
+  // (Written as selects, not branches, so loops over elements vectorize.)
+  // Decisions are kept as 0/1 integers of the word type rather than bools: GCC's
+  // vectorizer rejects loops that mix bool patterns with wide integer arithmetic.
+  const U lsb_norm = (sp.m > 0 ? k : (Eb + static_cast<U>(sp.bias - T::BIAS))) & 1;
+  const U lsb_sub = (sig >> dn) & 1;
+  const U lsb = (normal ? lsb_norm : lsb_sub) & (tiny ? U(0) : U(1));
+  const U inexact = rem != 0 ? U(1) : U(0);
+
+  U inc;
+  if (MODE == kStochastic) {
+    // Round away with probability floor(frac * 2^r) / 2^r, frac = rem / 2^d exactly:
+    // t = floor(rem * 2^r / 2^d), away iff t + R >= 2^r for r uniform random bits R.
+    // Computed in U alone (t < 2^r <= 2^32 fits even for fp32 sources): t + R >= 2^r
+    // is tested as t > (2^r - 1) - R, which cannot overflow.
+    int r = sp.rand_bits ? sp.rand_bits : (d < 32 ? d : 32);
+    r = r < rcap ? r : rcap;
+    const U t = d >= r ? shr_sat<U>(rem, d - r) : (rem << (r - d));
+    const U R = r > 0 ? static_cast<U>(rnd >> (32 - (r > 0 ? r : 1))) : U(0);
+    const U ones = r >= 32 ? static_cast<U>(0xFFFFFFFFu) : ((U(1) << r) - 1);
+    inc = t > (ones - R) ? U(1) : U(0);
+  } else if (MODE == kTowardZero) {
+    inc = 0;
+  } else if (MODE == kUp) {
+    inc = inexact & static_cast<U>(sign ^ 1u);
+  } else if (MODE == kDown) {
+    inc = inexact & static_cast<U>(sign);
+  } else if (MODE == kOdd) {
+    inc = inexact & (lsb ^ 1);
+  } else {
+    // Compare rem with half = 2^(d-1). The shift is clamped to [0, W-1]: at d = 0 rem
+    // is 0 and half 1, and past the width half = 2^(W-1) exceeds every possible rem
+    // (rem < 2^(M+1)); both give "below half" without a branch.
+    const int hs = d < 1 ? 0 : (d - 1 < T::W ? d - 1 : T::W - 1);
+    const U half = U(1) << hs;
+    const U above = rem > half ? U(1) : U(0);
+    const U tie = rem == half ? U(1) : U(0);
+    inc = (MODE == kNearestEven) ? (above | (tie & lsb)) : (above | tie);
+  }
+
+  const U res = tiny ? (inc ? q_src : U(0)) : ((k + inc) << dn);
+  ovf = res > max_src ? U(1) : U(0);
+  return res;
+}
+
+// Rounds one value given as source bits (fp32 or fp64) into the format; returns the
+// result as fp32 bits. NaN becomes the canonical quiet NaN with the input's sign.
+template <int MODE, bool UNIFORM, typename U>
+GS_HD uint32_t round_bits(U u, const Spec& sp, uint32_t rnd, int rcap = 32) {
+  using T = Src<U>;
+  const uint32_t sign = static_cast<uint32_t>(u >> (T::W - 1));
+  const U a = u & T::ABS;
+  // Flags are 0/1 integers, not bools, so that element loops vectorize (see above).
+  const uint32_t is_nan = a > T::INF ? 1u : 0u;
+  const uint32_t is_inf = a == T::INF ? 1u : 0u;
+  const U max_src = T::from_f32(sp.max_bits);
+  const U q_src = T::from_f32(sp.q_bits);
+  U ovf = 0;
+  const U res = round_magnitude<MODE, UNIFORM, U>(a, sign, sp, rnd, rcap, max_src, q_src, ovf);
+  // Overflow and infinite inputs: the mode picks infinity or the largest finite value;
+  // saturation always picks the latter; a format without infinity gives NaN.
+  // Blends are written as mask arithmetic: GCC's vectorizer gives up on chains of
+  // boolean selects here, and integer masks cost the same.
+  const uint32_t to_inf = is_inf | overflow_to_inf<MODE>(sign);
+  const uint32_t big = blend(sp.max_bits, sp.inf_result, to_inf);
+  uint32_t mag = blend(T::to_f32(res), big, is_inf | static_cast<uint32_t>(ovf));
+  mag = blend(mag, 0x7FC00000u, is_nan);
+  return (sign << 31) | mag;
+}
+
+// Encodes an fp32 value that is representable in the format (a result of round_bits)
+// as the format's own bit pattern, right-aligned. NaN gets the canonical quiet NaN.
+GS_HD uint32_t encode_bits(uint32_t r, const Spec& sp) {
+  const uint32_t sign = r >> 31;
+  const uint32_t a = r & 0x7FFFFFFFu;
+  const int m = sp.m;
+  const uint32_t top = (1u << sp.ebits) - 1u;
+  uint32_t code;
+  if (a > 0x7F800000u) {
+    code = sp.nan_all_ones ? ((top << m) | ((1u << m) - 1u))
+                           : ((top << m) | (m > 0 ? (1u << (m - 1)) : 0u));
+  } else if (a == 0x7F800000u) {
+    code = top << m;
+  } else {
+    const int E = static_cast<int>(a >> 23);
+    const int e = (E > 1 ? E : 1) - 127;
+    const uint32_t mant = a & 0x7FFFFFu;
+    if (a == 0) {
+      code = 0;
+    } else if (E != 0 && e >= sp.emin) {
+      code = (static_cast<uint32_t>(e + sp.bias) << m) | (mant >> (23 - m));
+    } else {
+      const uint32_t sig = E ? (mant | 0x800000u) : mant;
+      code = sig >> (23 - m + sp.emin - e);
+    }
+  }
+  return code | (sign << (sp.ebits + m));
+}
+
+// Spacing of the format at x: 2^(max(e, emin) - m) for |x| in [2^e, 2^(e+1)) (the
+// SCIENCE.md definition), 2^(emin - msub) at zero and below 2^emin, inf at inf.
+GS_HD uint32_t ulp_bits(uint32_t u, const Spec& sp) {
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return 0x7FC00000u;
+  if (a == 0x7F800000u) return 0x7F800000u;
+  const int E = static_cast<int>(a >> 23);
+  int e = (E > 1 ? E : 1) - 127;
+  if (E == 0 && a != 0) e = -149 + (31 - clz32(a));  // fp32 subnormal: floor(log2 |x|)
+  const int qe = (a != 0 && e >= sp.emin) ? e - sp.m : sp.emin - sp.msub;
+  return pow2_bits(qe);
+}
+
+// Exact w + delta, rounded to odd into fp64: the double nearest the exact sum with an
+// odd last bit whenever the sum is inexact. Rounding that double to any format with at
+// most 53 - 2 bits of precision gives the correct rounding of the exact sum in every
+// mode (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums", 2008), and a
+// stochastic decision on at most (52 - m - 1) random bits sees the exact fraction.
+GS_HD uint64_t sum_to_odd(float w, float dl) {
+  const double dw = w, dd = dl;
+  const double s = dw + dd;
+  // TwoSum (Knuth): s + err == dw + dd exactly. No multiplications, so no contraction.
+  const double bb = s - dw;
+  const double err = (dw - (s - bb)) + (dd - bb);
+  uint64_t b = f64_bits(s);
+  const bool finite = (b & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+  if (finite && err != 0.0 && (b & 1u) == 0) {
+    // Step one ulp toward the exact sum: magnitude grows iff err has s's sign.
+    const bool grow = (err > 0.0) == (s > 0.0);
+    b = grow ? b + 1 : b - 1;
+  }
+  return b;
+}
+
+// Random bits cap for the exact-sum path: keep the decision boundary on an even double.
+GS_HD int exact_sum_rcap(const Spec& sp) { return 51 - sp.m < 32 ? 51 - sp.m : 32; }
+
+}  // namespace gatesim

@@ -1,0 +1,44 @@
+// Operator schemas of gatesim, defined once; backends register kernels in
+// cpu/ops_cpu.cpp (and cuda/ for CUDA). Python wrappers live in gatesim/_ops.py.
+//
+// A format travels as `int[] fmt` = [ebits, mbits, bias, subnormals, has_inf,
+// nan_all_ones, saturate, rand_bits]; modes as ints (see gatesim/rounding.h).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "format_check.h"
+#include "gatesim/rounding.h"
+
+extern "C" {
+// Importing gatesim._C loads this library and so registers the ops with torch
+// (the extension-cpp pattern); the module itself has no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace gatesim {
+
+// The derived constants of a format as the kernels see them, for tests that hold
+// gatesim.Format (Python) against the C++ derivation.
+std::vector<int64_t> spec_numbers(c10::IntArrayRef fmt) {
+  const Spec s = spec_from_list(fmt);
+  return {s.ebits, s.m, s.bias, s.emin, s.msub, static_cast<int64_t>(s.max_bits),
+          static_cast<int64_t>(s.q_bits), s.has_inf, s.nan_all_ones, s.saturate, s.uniform,
+          s.rand_bits};
+}
+
+TORCH_LIBRARY(gatesim, m) {
+  m.def("spec(int[] fmt) -> int[]", &spec_numbers);
+  m.def("quantize(Tensor x, int[] fmt, int rmode, int seed, int offset, ScalarType dtype) -> Tensor");
+  m.def(
+      "quantize_out(Tensor x, int[] fmt, int rmode, int seed, int offset, Tensor(a!) out) -> ()");
+  m.def("ulp(Tensor x, int[] fmt) -> Tensor");
+  m.def("absorbed(Tensor w, Tensor delta, int[] fmt, int rmode, int seed, int offset) -> Tensor");
+  m.def("random_bits_out(Tensor(a!) out, int seed, int offset) -> ()");
+}
+
+}  // namespace gatesim

@@ -1,0 +1,3 @@
+from gatesim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Builds gatesim._C, the C++ (and, when available, CUDA) extension of gatesim.
+
+CUDA sources under csrc/cuda/ are compiled when a CUDA toolkit and a CUDA build of
+torch are present; GATESIM_CUDA=0/1 forces the choice. GATESIM_DEBUG=1 builds -O0 -g.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("GATESIM_CUDA")
+    if flag is not None:
+        return flag == "1"
+    import torch
+
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def extension():
+    debug = os.environ.get("GATESIM_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # No -ffast-math anywhere: TwoSum and the bit-level rounding rely on exact IEEE
+    # arithmetic; -ffp-contract=off keeps compilers from fusing into FMAs.
+    cxx = ["-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", *opt]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-std=c++20", "--fmad=false", "-lineinfo", *opt]
+        return CUDAExtension(
+            "gatesim._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DGATESIM_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "gatesim._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="gatesim",
+    version="0.1.0",
+    description="Simulate and measure how number formats and optimizer steps hide weight updates",
+    packages=find_packages(include=["gatesim", "gatesim.*"]),
+    python_requires=">=3.10",
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["gatesim=gatesim.cli:main"]},
+)

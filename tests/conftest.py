@@ -1,0 +1,30 @@
+"""Shared test set-up: hypothesis profiles and helpers."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs derandomized (the same examples every run, so a red build is reproducible);
+# set HYPOTHESIS_PROFILE=dev locally to explore new examples.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def f32_bits(t) -> np.ndarray:
+    """uint32 bit patterns of a float32 tensor or array."""
+    a = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float32)
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def assert_same_bits(got, want, what: str = "") -> None:
+    """Bit-for-bit equality of float32 data, with the first mismatches in the message."""
+    g, w = f32_bits(got), f32_bits(want)
+    bad = np.flatnonzero(g != w)
+    if bad.size:
+        src = ", ".join(f"#{i}: got {g[i]:#010x} want {w[i]:#010x}" for i in bad[:5])
+        pytest.fail(f"{what}: {bad.size} of {g.size} differ ({src})")
