@@ -142,11 +142,20 @@ class BackgroundLoad:
         return max(busy - own, 0.0) / max(total, 1e-9)
 
 
+def extension_built() -> str:
+    """Modification time of the loaded gatesim extension: which build was timed."""
+    from gatesim import _C
+
+    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(_C.__file__)).astimezone()
+    return stamp.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def machine_info() -> Dict[str, str]:
     return {
         "CPU": cpu_model(),
         "cores": str(os.cpu_count()),
         "gatesim.cpu_isa()": gatesim.cpu_isa(),
+        "gatesim extension built": extension_built(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "ml_dtypes": ml_dtypes.__version__,
@@ -224,7 +233,7 @@ def report(by_threads: Dict[int, Timings], info: Dict[str, str], shape: tuple,
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     numel = int(np.prod(shape))
     lines = [f"Measured {date} with `python benchmarks/compare.py`: float32 input of shape "
-             f"{'x'.join(map(str, shape))} ({numel * 4 / 2**20:.0f} MiB), N(0, "
+             f"{'x'.join(map(str, shape))} ({numel * 4 / 2**20:.1f} MiB), N(0, "
              f"{pc.INPUT_STD}), preallocated outputs; median of {repeat} runs after "
              f"{warmup} warm-ups.", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
@@ -251,6 +260,7 @@ def write_markdown(path: Path, body: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    built = extension_built()  # the build that was loaded (the file may be replaced later)
     thread_counts = [int(n) for n in args.threads.split(",")]
     shape = input_shape(args.size)
     buffers = pc.Buffers.allocate(pc.make_input(shape))
@@ -260,6 +270,8 @@ def main(argv=None) -> int:
     load = BackgroundLoad()
     by_threads = {n: time_cases(cases, n, args.warmup, args.repeat) for n in thread_counts}
     info = machine_info()
+    if info["gatesim extension built"] != built:
+        info["gatesim extension built"] = f"{built} (rebuilt on disk during the run!)"
     share = load.share()
     info["CPU time used by other processes during the timing"] = (
         "unknown" if share is None else f"{share:.0%}")

@@ -39,6 +39,11 @@ TORCH_LIBRARY(gatesim, m) {
   m.def("ulp(Tensor x, int[] fmt) -> Tensor");
   m.def("absorbed(Tensor w, Tensor delta, int[] fmt, int rmode, int seed, int offset) -> Tensor");
   m.def("random_bits_out(Tensor(a!) out, int seed, int offset) -> ()");
+  // Returns (counts int64[kNumStats], absorbed mass float64[1]); see gatesim/update.h.
+  m.def(
+      "apply_update(Tensor(a!) param, Tensor delta, Tensor(b!)? master, Tensor(c!)? comp, "
+      "int[] fmt, int rmode, int sum_mode, float alpha, float decay, int seed, int offset, "
+      "int step, bool stats) -> (Tensor, Tensor)");
 }
 
 }  // namespace gatesim

@@ -54,3 +54,11 @@ def cpu_isa() -> str:
 def spec_numbers(fmt_args: list[int]) -> list[int]:
     """The C++ derivation of a format's constants (for tests)."""
     return list(ops.spec(fmt_args))
+
+
+@torch.library.register_fake("gatesim::apply_update")
+def _apply_update_fake(param, delta, master, comp, fmt, rmode, sum_mode, alpha, decay, seed,
+                       offset, step, stats):
+    n_stats = 8 + 34  # see csrc/gatesim/update.h (Stat)
+    return (param.new_empty((n_stats,), dtype=torch.int64),
+            param.new_empty((1,), dtype=torch.float64))

@@ -48,11 +48,13 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @numba.njit(cache=True)
-def random_word(seed, p):
-    """Word for stream position p: lane (p // 16) % 4 of counter (p // 64) * 16 + p % 16."""
+def random_word(seed, p, stream=0):
+    """Word for position p of a stream: lane (p // 16) % 4 of the Philox counter
+    (p // 64 * 16 + p % 16, stream) under key seed."""
     counter = (p // 64) * 16 + p % 16
-    words = philox4x32_10(counter & 0xFFFFFFFF, counter >> 32, 0, 0,
-                          seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    words = philox4x32_10(counter & 0xFFFFFFFF, counter >> 32, stream & 0xFFFFFFFF,
+                          (stream >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF,
+                          (seed >> 32) & 0xFFFFFFFF)
     lane = (p // 16) % 4
     if lane == 0:
         return words[0]
@@ -271,3 +273,234 @@ def absorbed(w, delta, fmt, mode, seed, offset):
         same = (r == wv) and not math.isnan(wv)
         out[i] = dv != 0.0 and same
     return out
+
+
+# ----- apply_update ------------------------------------------------------------------
+UPDATE_BLOCK = 4096
+HIST_LO, HIST_BINS = -24, 34
+STORAGE, MASTER, KAHAN = 0, 1, 2
+SUM_EXACT, SUM_FP32 = 0, 1
+_FP32_ARGS = np.array([8, 23, 127, 1, 1, 0, 0, 0], dtype=np.int64)
+
+
+@numba.njit(cache=True)
+def _bits32(x):
+    """float32 bit pattern of x (NaN canonical: as the kernels produce it)."""
+    tmp = np.empty(1, dtype=np.float32)
+    tmp[0] = x
+    return tmp.view(np.uint32)[0]
+
+
+@numba.njit(cache=True)
+def _f32(x):
+    return np.float64(np.float32(x))
+
+
+@numba.njit(cache=True)
+def _round_sum(a, b, fmt, mode, rnd, rcap):
+    """Format rounding of the exact a + b (doubles holding exact values)."""
+    s, err = two_sum(a, b)
+    if math.isinf(s) or math.isnan(s):
+        err = 0.0
+    return round_exact(s, err, fmt, mode, rnd, 52, -1022, rcap)
+
+
+@numba.njit(cache=True)
+def fma32(a, b, c):
+    """float32 fma: a * b + c rounded once (a * b is exact in float64)."""
+    return _round_sum(a * b, c, _FP32_ARGS, NEAREST_EVEN, 0, 32)
+
+
+@numba.njit(cache=True)
+def _round32(x, fmt, mode, rnd):
+    """Format rounding of a float32 value (held in a float64)."""
+    return round_exact(x, 0.0, fmt, mode, rnd, 23, -126, 32)
+
+
+@numba.njit(cache=True)
+def _storage_step(p, d, fmt, mode, alpha, decay, sum_mode, r0, r1):
+    if sum_mode == SUM_EXACT:
+        return _round_sum(p * decay, alpha * d, fmt, mode, r1, min(51 - fmt[1], 32))
+    p1 = _round32(_f32(p * decay), fmt, mode, r0)
+    return _round32(fma32(alpha, d, p1), fmt, mode, r1)
+
+
+@numba.njit(cache=True)
+def _ulp_exp(x, fmt):
+    m, bias, subn = fmt[1], fmt[2], fmt[3] != 0
+    emin = 1 - bias
+    v = abs(x)
+    if v != 0.0 and _binade(v) >= emin:
+        return _binade(v) - m
+    return emin - (m if subn else 0)
+
+
+@numba.njit(cache=True)
+def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, seed, offset,
+                 step):
+    """Twin of gatesim.apply_update on float32 arrays holding format values (p, comp) and
+    fp32 (d, master). Returns (new p, new master, new comp, counts[8 + 34], mass)."""
+    n = p.size
+    pn = np.empty(n, dtype=np.float32)
+    mn = master.copy()
+    cn = comp.copy()
+    counts = np.zeros(8 + HIST_BINS, dtype=np.int64)
+    fmt_c = fmt.copy()
+    fmt_c[6] = 0
+    fmt_c[7] = 0
+    alpha, decay = np.float64(np.float32(alpha)), np.float64(np.float32(decay))
+    rcap = min(51 - fmt[1], 32)
+    mass = 0.0
+    for b0 in range(0, n, UPDATE_BLOCK):
+        acc = np.zeros(8)
+        for i in range(b0, min(n, b0 + UPDATE_BLOCK)):
+            pos = offset + i
+            r0 = random_word(seed, pos, 2 * step) if mode == STOCHASTIC else 0
+            r1 = random_word(seed, pos, 2 * step + 1) if mode == STOCHASTIC else 0
+            po, dv = np.float64(p[i]), np.float64(d[i])
+            differs = False
+            if path == MASTER:
+                m2 = fma32(alpha, dv, _f32(np.float64(master[i]) * decay))
+                mn[i] = m2
+                new = _round32(m2, fmt, mode, r1)
+                u = alpha * dv + ((decay - 1.0) * np.float64(master[i]) if decay != 1.0 else 0.0)
+            elif path == KAHAN:
+                c = np.float64(comp[i])
+                if sum_mode == SUM_EXACT:
+                    p1 = round_exact(po * decay, 0.0, fmt, mode, r0, 52, -1022, rcap)
+                    c1 = _round_sum(c, alpha * dv, fmt_c, NEAREST_EVEN, 0, 32)
+                    new = _round_sum(p1, c1, fmt, mode, r1, rcap)
+                    cn[i] = _round_sum(c1, p1 - new, fmt_c, NEAREST_EVEN, 0, 32)
+                else:
+                    p1 = _round32(_f32(po * decay), fmt, mode, r0)
+                    c1 = _round32(fma32(alpha, dv, c), fmt_c, NEAREST_EVEN, 0)
+                    new = _round32(_f32(p1 + c1), fmt, mode, r1)
+                    t = _round32(_f32(p1 - new), fmt_c, NEAREST_EVEN, 0)
+                    cn[i] = _round32(_f32(c1 + t), fmt_c, NEAREST_EVEN, 0)
+                u = alpha * dv + ((decay - 1.0) * po if decay != 1.0 else 0.0)
+            else:
+                new = _storage_step(po, dv, fmt, mode, alpha, decay, sum_mode, r0, r1)
+                other = _storage_step(po, dv, fmt, mode, alpha, decay, 1 - sum_mode, r0, r1)
+                differs = _bits32(other) != _bits32(new)
+                u = alpha * dv + ((decay - 1.0) * po if decay != 1.0 else 0.0)
+            pn[i] = new
+            # statistics (bitwise-sparsity equality: +0 == -0, NaN never equal)
+            same = (po == new) and not math.isnan(po)
+            changed = not same
+            zero = u == 0.0
+            absorbed = (not zero) and not changed
+            counts[0] += 1
+            counts[1] += changed
+            counts[2] += absorbed
+            counts[3] += zero
+            counts[4] += not math.isfinite(dv)
+            counts[5] += not math.isfinite(po)
+            counts[6] += not math.isfinite(new)
+            counts[7] += differs
+            if not zero and math.isfinite(u) and math.isfinite(po):
+                k = _binade(abs(u)) - _ulp_exp(po, fmt) - HIST_LO + 1
+                counts[8 + min(max(k, 0), HIST_BINS - 1)] += 1
+            if absorbed:
+                acc[(i - b0) % 8] += abs(u)
+        block = 0.0
+        for lane in range(8):
+            block += acc[lane]
+        mass += block
+    return pn, mn, cn, counts, mass
+
+
+# ----- optimizers (SGD, Adam/AdamW) ------------------------------------------------------
+# The fp32 arithmetic mirrors torch's single-tensor kernels on CPU, measured op by op:
+# add(x, alpha=a) and addcmul are fmas, lerp is an fma (two forms by weight), mul/div/add
+# are plain fp32 ops, and sqrt is correctly rounded here (PrecisionPolicy.torch_math=False).
+@numba.njit(cache=True)
+def _f32a(x):
+    out = np.empty(x.size, dtype=np.float32)
+    for i in range(x.size):
+        out[i] = x[i]
+    return out
+
+
+@numba.njit(cache=True)
+def _round_state(x, sfmt):
+    out = np.empty(x.size, dtype=np.float32)
+    for i in range(x.size):
+        out[i] = _round32(np.float64(x[i]), sfmt, NEAREST_EVEN, 0)
+    return out
+
+
+@numba.njit(cache=True)
+def _lerp32(s, e, w):
+    """torch.lerp for float32: fma(w, e - s, s) if w < 0.5 else fma(-(1 - w), e - s, e)."""
+    d = _f32(e - s)
+    if w < 0.5:
+        return fma32(w, d, s)
+    return fma32(-_f32(1.0 - w), d, e)
+
+
+@numba.njit(cache=True)
+def sgd_step(x, grad, buf, has_buf, lr, momentum, dampening, wd, nesterov, sfmt):
+    """fp32 part of torch's single-tensor SGD: returns (update direction, new buffer)."""
+    n = grad.size
+    g = np.empty(n, dtype=np.float32)
+    wd32, mom32, od32 = np.float64(np.float32(wd)), np.float64(np.float32(momentum)), \
+        np.float64(np.float32(1.0 - dampening))
+    for i in range(n):
+        gi = np.float64(grad[i])
+        g[i] = fma32(wd32, np.float64(x[i]), gi) if wd != 0.0 else gi
+    if momentum != 0.0:
+        if has_buf:
+            nb = np.empty(n, dtype=np.float32)
+            for i in range(n):
+                nb[i] = fma32(od32, np.float64(g[i]), _f32(np.float64(buf[i]) * mom32))
+            buf = _round_state(nb, sfmt)
+        else:
+            buf = _round_state(g, sfmt)
+        if nesterov:
+            out = np.empty(n, dtype=np.float32)
+            for i in range(n):
+                out[i] = fma32(mom32, np.float64(buf[i]), np.float64(g[i]))
+            return out, buf
+        return buf.copy(), buf
+    return g, buf
+
+
+def adam_scalars(step, lr, beta1, beta2):
+    """The Python-double scalars of torch's Adam step (numba's ** differs from CPython's
+    pow in the last bit, so they are computed here, exactly as torch computes them)."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    return -step_size, bias_correction2 ** 0.5
+
+
+@numba.njit(cache=True)
+def adam_step(x, grad, exp_avg, exp_avg_sq, neg_step_size, bc2_sqrt, beta1, beta2, eps, wd,
+              decoupled, sfmt):
+    """fp32 part of torch's single-tensor Adam(W): returns (delta, m, v) with the parameter
+    update delta (alpha = 1). neg_step_size and bc2_sqrt come from adam_scalars."""
+    n = grad.size
+    wd32 = np.float64(np.float32(wd))
+    w1 = np.float64(np.float32(1.0 - beta1))
+    b2 = np.float64(np.float32(beta2))
+    v2 = np.float64(np.float32(1.0 - beta2))
+    g = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        gi = np.float64(grad[i])
+        g[i] = fma32(wd32, np.float64(x[i]), gi) if (wd != 0.0 and not decoupled) else gi
+    m = np.empty(n, dtype=np.float32)
+    v = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        m[i] = _lerp32(np.float64(exp_avg[i]), np.float64(g[i]), w1)
+        gi = np.float64(g[i])
+        v[i] = fma32(_f32(v2 * gi), gi, _f32(np.float64(exp_avg_sq[i]) * b2))
+    m = _round_state(m, sfmt)
+    v = _round_state(v, sfmt)
+    bc2s = np.float64(np.float32(bc2_sqrt))
+    eps32 = np.float64(np.float32(eps))
+    neg_step = np.float64(np.float32(neg_step_size))
+    delta = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        denom = _f32(_f32(_f32(math.sqrt(np.float64(v[i]))) / bc2s) + eps32)
+        delta[i] = _f32(_f32(np.float64(m[i]) * neg_step) / denom)
+    return delta, m, v

@@ -21,10 +21,16 @@ def f32_bits(t) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-def assert_same_bits(got, want, what: str = "") -> None:
-    """Bit-for-bit equality of float32 data, with the first mismatches in the message."""
+def assert_same_bits(got, want, what: str = "", any_nan: bool = False) -> None:
+    """Bit-for-bit equality of float32 data, with the first mismatches in the message.
+
+    any_nan: NaNs match any NaN (for values decoded by torch from a storage dtype, whose
+    NaN payloads are torch's choice)."""
     g, w = f32_bits(got), f32_bits(want)
-    bad = np.flatnonzero(g != w)
+    ne = g != w
+    if any_nan:
+        ne &= ~(np.isnan(g.view(np.float32)) & np.isnan(w.view(np.float32)))
+    bad = np.flatnonzero(ne)
     if bad.size:
         src = ", ".join(f"#{i}: got {g[i]:#010x} want {w[i]:#010x}" for i in bad[:5])
         pytest.fail(f"{what}: {bad.size} of {g.size} differ ({src})")

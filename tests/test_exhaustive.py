@@ -55,7 +55,8 @@ def test_all_float32_patterns_round_like_ml_dtypes_and_torch(name):
             # quantize (fp32 out) is the storage value decoded
             q = gatesim.quantize(xt, fmt).numpy().view(np.uint32)
             dec = gatesim.to_dtype(xt, tdt).float().numpy().view(np.uint32)
-            okq = (q == dec) | nan
+            both_nan = np.isnan(q.view(np.float32)) & np.isnan(dec.view(np.float32))
+            okq = (q == dec) | both_nan
             assert okq.all(), f"{name}: quantize differs from to_dtype at {bits[~okq][0]:#010x}"
             assert np.isnan(q.view(np.float32)[nan]).all()
 

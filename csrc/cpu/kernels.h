@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "gatesim/rounding.h"
+#include "gatesim/update.h"
 
 namespace gatesim {
 namespace cpu {
@@ -19,6 +20,17 @@ enum Enc : int {
   kEnc8 = 3,     // any format of <= 8 bits (fp8)
 };
 
+// Elements per statistics block of apply_update (fixed: results must not depend on
+// how work is split).
+constexpr int64_t kUpdateBlock = 4096;
+
+struct UpdatePtrs {
+  void* param;         // storage, encoded per `enc`
+  const float* delta;
+  float* master;       // master path only
+  void* comp;          // Kahan path only, encoded like param
+};
+
 struct KernelTable {
   const char* name;
   void (*quantize)(const uint32_t* x, void* y, int enc, int64_t begin, int64_t end,
@@ -27,6 +39,10 @@ struct KernelTable {
   void (*absorbed)(const float* w, const float* dl, bool* y, int64_t begin, int64_t end,
                    const Spec& sp, int mode, uint64_t seed, uint64_t offset);
   void (*random_bits)(uint32_t* y, int64_t begin, int64_t end, uint64_t seed, uint64_t offset);
+  // Blocks [b_begin, b_end) of kUpdateBlock elements; see update_impl.h.
+  void (*apply_update)(const UpdatePtrs& t, const UpdateArgs& a, int path, int enc, bool stats,
+                       int64_t b_begin, int64_t b_end, int64_t n, int64_t* counts,
+                       double* block_mass);
 };
 
 extern const KernelTable kTableBase;

@@ -8,6 +8,7 @@
 #include "gatesim/philox.h"
 #include "gatesim/rounding.h"
 #include "cpu/philox_simd.h"
+#include "cpu/update_impl.h"
 
 namespace gatesim {
 namespace cpu {
@@ -152,8 +153,8 @@ void random_bits_range(uint32_t* y, int64_t b, int64_t e, uint64_t seed, uint64_
 
 }  // namespace
 
-extern const KernelTable GS_TABLE = {GS_ISA_NAME, quantize_range, ulp_range, absorbed_range,
-                                     random_bits_range};
+extern const KernelTable GS_TABLE = {GS_ISA_NAME,       quantize_range,    ulp_range,
+                                     absorbed_range,    random_bits_range, apply_update_range};
 
 }  // namespace cpu
 }  // namespace gatesim

@@ -3,11 +3,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "format_check.h"
@@ -23,9 +27,12 @@ bool cpu_has(const char* isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (std::strcmp(isa, "avx512") == 0) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }
-  if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2");
+  if (std::strcmp(isa, "avx2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
 #endif
   return std::strcmp(isa, "base") == 0;
 }
@@ -164,6 +171,80 @@ void random_bits_out_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   });
 }
 
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), ", param on ",
+                    ref.device());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " has shape ", t.sizes(), ", param has ",
+                    ref.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
+    at::Tensor& param, const at::Tensor& delta, const std::optional<at::Tensor>& master,
+    const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt, int64_t mode, int64_t sum_mode,
+    double alpha, double decay, int64_t seed, int64_t offset, int64_t step, bool stats) {
+  TORCH_CHECK_VALUE(param.device().is_cpu(), "param must be on the CPU for this kernel");
+  TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
+  check_float_input(delta, "delta");
+  check_like(delta, param, "delta");
+  check_mode(mode);
+  TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
+  check_stream(seed, offset, param.numel());
+  TORCH_CHECK_VALUE(step >= 0, "step must be non-negative, got ", step);
+  TORCH_CHECK_VALUE(!(master.has_value() && comp.has_value()),
+                    "use either master weights or a compensation buffer, not both");
+  const Spec sp = spec_from_list(fmt);
+  std::vector<int64_t> fmt_c(fmt.begin(), fmt.end());
+  fmt_c[6] = 0;  // the compensation buffer never saturates and rounds to nearest
+  fmt_c[7] = 0;
+  const Spec spc = spec_from_list(fmt_c);
+  const int enc = enc_for(param.scalar_type(), sp);
+  int path = kStorage;
+  UpdatePtrs t{param.mutable_data_ptr(), delta.const_data_ptr<float>(), nullptr, nullptr};
+  if (master.has_value()) {
+    const at::Tensor& m = *master;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "master must be float32, got ", m.scalar_type());
+    check_like(m, param, "master");
+    TORCH_CHECK_VALUE(!m.is_same(param), "master must not be param itself");
+    t.master = m.mutable_data_ptr<float>();
+    path = kMaster;
+  }
+  if (comp.has_value()) {
+    const at::Tensor& c = *comp;
+    TORCH_CHECK_TYPE(c.scalar_type() == param.scalar_type(), "compensation must have param's dtype ",
+                     param.scalar_type(), ", got ", c.scalar_type());
+    check_like(c, param, "compensation");
+    TORCH_CHECK_VALUE(!c.is_same(param), "compensation must not be param itself");
+    t.comp = c.mutable_data_ptr();
+    path = kKahan;
+  }
+  UpdateArgs a;
+  a.sp = sp;
+  a.spc = spc;
+  a.mode = static_cast<int>(mode);
+  a.sum_mode = static_cast<int>(sum_mode);
+  a.alpha = static_cast<float>(alpha);
+  a.decay = static_cast<float>(decay);
+  a.seed = static_cast<uint64_t>(seed);
+  a.offset = static_cast<uint64_t>(offset);
+  a.step = static_cast<uint64_t>(step);
+  const int64_t n = param.numel();
+  const int64_t nblocks = (n + kUpdateBlock - 1) / kUpdateBlock;
+  at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));
+  at::Tensor mass = at::zeros({1}, param.options().dtype(at::kDouble));
+  std::vector<double> block_mass(stats ? nblocks : 0, 0.0);
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  double* bm = block_mass.data();
+  const KernelTable& tb = table();
+  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+    tb.apply_update(t, a, path, enc, stats, b0, b1, n, cp, bm);
+  });
+  double total = 0.0;  // blocks in order: the same sum for any thread count
+  for (double v : block_mass) total += v;
+  mass.mutable_data_ptr<double>()[0] = total;
+  return {counts, mass};
+}
+
 std::string cpu_isa() { return table().name; }
 
 }  // namespace
@@ -178,6 +259,7 @@ TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
   m.impl("ulp", &ulp_cpu);
   m.impl("absorbed", &absorbed_cpu);
   m.impl("random_bits_out", &random_bits_out_cpu);
+  m.impl("apply_update", &apply_update_cpu);
 }
 
 }  // namespace cpu

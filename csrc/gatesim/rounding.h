@@ -46,6 +46,13 @@ struct Spec {
   bool saturate;      // overflow and infinite inputs go to +-largest finite
   uint32_t inf_result;  // fp32 bits given where infinity is due: inf, max (saturate) or NaN
   bool uniform;       // fp32's exponent range with subnormals: a fixed d = 23 - m
+  uint32_t m_mask;    // all ones if m > 0, else 0 (arithmetic select in vector loops)
+  // Stochastic rounding in uniform formats (d = 23 - m for every value): the shifts and
+  // masks of the decision, precomputed so vector loops see plain loop-invariant integers
+  // (GCC turns an in-loop derivation back into selects on a scalar condition, which it
+  // then cannot vectorize).
+  int32_t sr_lsh, sr_rsh, sr_rshift;
+  uint32_t sr_rmask, sr_ones;
   int32_t rand_bits;  // stochastic: random bits per decision; 0 = every dropped bit (max 32)
 };
 
@@ -105,7 +112,17 @@ GS_HD Spec make_spec(int ebits, int m, int bias, bool subnormals, bool has_inf,
   s.saturate = saturate;
   s.inf_result = saturate ? s.max_bits : (has_inf ? 0x7F800000u : 0x7FC00000u);
   s.uniform = (ebits == 8 && bias == 127 && subnormals);
+  s.m_mask = m > 0 ? 0xFFFFFFFFu : 0u;
   s.rand_bits = rand_bits;
+  {
+    const int d = 23 - m;
+    const int r = rand_bits ? rand_bits : (d < 32 ? d : 32);
+    s.sr_lsh = r > d ? r - d : 0;
+    s.sr_rsh = d > r ? d - r : 0;  // < 32: d <= 23
+    s.sr_rshift = 32 - (r > 0 ? r : 1);
+    s.sr_rmask = r > 0 ? 0xFFFFFFFFu : 0u;
+    s.sr_ones = r >= 32 ? 0xFFFFFFFFu : ((1u << r) - 1u);
+  }
   return s;
 }
 
@@ -132,12 +149,10 @@ struct Src<uint64_t> {
   }
 };
 
-GS_HD int clz32(uint32_t x) {  // x != 0
-#if defined(__CUDA_ARCH__)
-  return __clz(static_cast<int>(x));
-#else
-  return __builtin_clz(x);
-#endif
+// floor(log2 |x|) of a non-zero fp32 subnormal with magnitude bits a (< 2^23): the
+// int -> float conversion is exact and vectorizes, unlike a count-leading-zeros.
+GS_HD int subnormal_exp(uint32_t a) {
+  return static_cast<int>(f32_bits(static_cast<float>(static_cast<int32_t>(a))) >> 23) - 127 - 149;
 }
 
 // Branch-free select: pick ? b : a, with pick 0 or 1.
@@ -145,9 +160,14 @@ GS_HD uint32_t blend(uint32_t a, uint32_t b, uint32_t pick) {
   return a ^ ((a ^ b) & (0u - pick));
 }
 
+// x >> n, 0 once n reaches the width. Masks instead of a select: when n is the same for
+// every element (uniform formats), GCC cannot vectorize a select on that scalar condition.
 template <typename U>
-GS_HD U shr_sat(U x, int n) {  // x >> n, 0 once n reaches the width
-  return n >= static_cast<int>(sizeof(U) * 8) ? U(0) : (x >> n);
+GS_HD U shr_sat(U x, int n) {
+  constexpr int W = static_cast<int>(sizeof(U) * 8);
+  const int sh = n < 0 ? 0 : (n < W ? n : W - 1);  // callers mask out n < 0 results
+  const U keep = U(0) - static_cast<U>(n < W ? 1 : 0);
+  return (x >> sh) & keep;
 }
 
 // Whether an overflow in this mode goes to infinity (else to the largest finite),
@@ -198,7 +218,9 @@ GS_HD U round_magnitude(U a, uint32_t sign, const Spec& sp, uint32_t rnd, int rc
   // (Written as selects, not branches, so loops over elements vectorize.)
   // Decisions are kept as 0/1 integers of the word type rather than bools: GCC's
   // vectorizer rejects loops that mix bool patterns with wide integer arithmetic.
-  const U lsb_norm = (sp.m > 0 ? k : (Eb + static_cast<U>(sp.bias - T::BIAS))) & 1;
+  // (a mask, not a select on the loop-invariant m > 0: GCC cannot vectorize the latter)
+  const U mm = static_cast<U>(sp.m_mask);
+  const U lsb_norm = ((k & mm) | ((Eb + static_cast<U>(sp.bias - T::BIAS)) & ~mm)) & 1;
   const U lsb_sub = (sig >> dn) & 1;
   const U lsb = (normal ? lsb_norm : lsb_sub) & (tiny ? U(0) : U(1));
   const U inexact = rem != 0 ? U(1) : U(0);
@@ -209,12 +231,24 @@ GS_HD U round_magnitude(U a, uint32_t sign, const Spec& sp, uint32_t rnd, int rc
     // t = floor(rem * 2^r / 2^d), away iff t + R >= 2^r for r uniform random bits R.
     // Computed in U alone (t < 2^r <= 2^32 fits even for fp32 sources): t + R >= 2^r
     // is tested as t > (2^r - 1) - R, which cannot overflow.
-    int r = sp.rand_bits ? sp.rand_bits : (d < 32 ? d : 32);
-    r = r < rcap ? r : rcap;
-    const U t = d >= r ? shr_sat<U>(rem, d - r) : (rem << (r - d));
-    const U R = r > 0 ? static_cast<U>(rnd >> (32 - (r > 0 ? r : 1))) : U(0);
-    const U ones = r >= 32 ? static_cast<U>(0xFFFFFFFFu) : ((U(1) << r) - 1);
-    inc = t > (ones - R) ? U(1) : U(0);
+    if (UNIFORM && sizeof(U) == 4) {
+      // t = floor(rem * 2^r / 2^d) with the precomputed shifts (rem < 2^d, so the left
+      // shift stays below 2^r <= 2^32), away iff t + R >= 2^r, i.e. t > (2^r - 1) - R.
+      const U t = (rem << sp.sr_lsh) >> sp.sr_rsh;
+      const U R = static_cast<U>(rnd >> sp.sr_rshift) & static_cast<U>(sp.sr_rmask);
+      inc = t > (static_cast<U>(sp.sr_ones) - R) ? U(1) : U(0);
+    } else {
+      int r = sp.rand_bits ? sp.rand_bits : (d < 32 ? d : 32);
+      r = r < rcap ? r : rcap;
+      // t = floor(rem * 2^r / 2^d): a right shift when d >= r, else a left shift.
+      const U down = U(0) - static_cast<U>(d >= r ? 1 : 0);
+      const int up_sh = r > d ? r - d : 0;
+      const U t = (shr_sat<U>(rem, d - r) & down) | ((rem << up_sh) & ~down);
+      const U rmask = U(0) - static_cast<U>(r > 0 ? 1 : 0);
+      const U R = static_cast<U>(rnd >> (32 - (r > 0 ? r : 1))) & rmask;
+      const U ones = r >= 32 ? static_cast<U>(0xFFFFFFFFu) : ((U(1) << r) - 1);
+      inc = t > (ones - R) ? U(1) : U(0);
+    }
   } else if (MODE == kTowardZero) {
     inc = 0;
   } else if (MODE == kUp) {
@@ -301,7 +335,8 @@ GS_HD uint32_t ulp_bits(uint32_t u, const Spec& sp) {
   if (a == 0x7F800000u) return 0x7F800000u;
   const int E = static_cast<int>(a >> 23);
   int e = (E > 1 ? E : 1) - 127;
-  if (E == 0 && a != 0) e = -149 + (31 - clz32(a));  // fp32 subnormal: floor(log2 |x|)
+  const int es = subnormal_exp((a & 0x7FFFFFu) | 1u);  // fp32 subnormal: floor(log2 |x|)
+  e = (E == 0 && a != 0) ? es : e;
   const int qe = (a != 0 && e >= sp.emin) ? e - sp.m : sp.emin - sp.msub;
   return pow2_bits(qe);
 }

@@ -1,0 +1,321 @@
+// CPU range kernel of apply_update; included by kernels_impl.h (once per ISA build).
+//
+// Work is split into fixed blocks of kUpdateBlock elements, aligned to element 0. Each
+// block writes its integer statistics into `counts` (atomic adds of per-block totals:
+// integers, so order does not matter) and its absorbed mass into `block_mass[block]`,
+// computed in a fixed order (8 interleaved lanes, then lanes 0..7) so the double result
+// is the same for every thread count and instruction set; the caller sums blocks in order.
+#pragma once
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#include "cpu/philox_simd.h"
+#include "gatesim/update.h"
+
+namespace gatesim {
+namespace cpu {
+namespace {
+
+template <int ENC>
+inline uint32_t load_code(const void* base, int64_t i, const Spec& sp) {
+  if (ENC == kEncF32) return static_cast<const uint32_t*>(base)[i];
+  if (ENC == kEncHi16) return static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
+  if (ENC == kEnc16) return decode_bits(static_cast<const uint16_t*>(base)[i], sp);
+  return decode_bits(static_cast<const uint8_t*>(base)[i], sp);
+}
+
+template <int ENC>
+inline void store_code(void* base, int64_t i, uint32_t r, const Spec& sp) {
+  if (ENC == kEncF32) static_cast<uint32_t*>(base)[i] = r;
+  else if (ENC == kEncHi16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(r >> 16);
+  else if (ENC == kEnc16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(encode_bits(r, sp));
+  else static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(encode_bits(r, sp));
+}
+
+// Statistics of one run from the before/after values kept by update_run: flag counts
+// (integer reductions, so their order is free), histogram bins and absorbed mass.
+inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restrict__ pn,
+                      const double* __restrict__ u, const uint32_t* __restrict__ db,
+                      const uint32_t* __restrict__ differs, int64_t cnt, const Spec& spec,
+                      uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
+                      double* __restrict__ mass) {
+  const int emin = spec.emin, m = spec.m, msub = spec.msub;
+  uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0;
+#pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5, c6)
+  for (int64_t j = 0; j < cnt; ++j) {
+    const uint32_t f = element_flags(po[j], pn[j], db[j], u[j], differs[j]);
+    c0 += f & 1u;
+    c1 += (f >> 1) & 1u;
+    c2 += (f >> 2) & 1u;
+    c3 += (f >> 3) & 1u;
+    c4 += (f >> 4) & 1u;
+    c5 += (f >> 5) & 1u;
+    c6 += (f >> 6) & 1u;
+    bins[j] = static_cast<int8_t>(element_bin(po[j], u[j], emin, m, msub));
+    const double au = u[j] < 0.0 ? -u[j] : u[j];
+    mass[j] = ((f >> 1) & 1u) ? au : 0.0;
+  }
+  counts7[0] += c0;
+  counts7[1] += c1;
+  counts7[2] += c2;
+  counts7[3] += c3;
+  counts7[4] += c4;
+  counts7[5] += c5;
+  counts7[6] += c6;
+}
+
+// stats_run for u = delta exactly (alpha = 1, no decay): everything stays in 32-bit
+// lanes, twice as many per vector as with fp64 u.
+inline void stats_run32(const uint32_t* __restrict__ po, const uint32_t* __restrict__ pn,
+                        const uint32_t* __restrict__ db, int64_t cnt, const Spec& spec,
+                        uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
+                        double* __restrict__ mass) {
+  const int emin = spec.emin, m = spec.m, msub = spec.msub;
+  uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
+#pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5)
+  for (int64_t j = 0; j < cnt; ++j) {
+    const uint32_t d = db[j];
+    const uint32_t same = (po[j] == pn[j] ? 1u : 0u) | (((po[j] | pn[j]) & 0x7FFFFFFFu) == 0 ? 1u : 0u);
+    const uint32_t old_nan = (po[j] & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+    const uint32_t changed = (same ^ 1u) | old_nan;
+    const uint32_t zero = (d & 0x7FFFFFFFu) == 0 ? 1u : 0u;
+    const uint32_t absorbed = (zero ^ 1u) & (changed ^ 1u);
+    c0 += changed;
+    c1 += absorbed;
+    c2 += zero;
+    c3 += nonfinite32(d);
+    c4 += nonfinite32(po[j]);
+    c5 += nonfinite32(pn[j]);
+    bins[j] = static_cast<int8_t>(element_bin32(po[j], d, emin, m, msub));
+    mass[j] = absorbed ? static_cast<double>(bits_f32(d & 0x7FFFFFFFu)) : 0.0;
+  }
+  counts7[0] += c0;
+  counts7[1] += c1;
+  counts7[2] += c2;
+  counts7[3] += c3;
+  counts7[4] += c4;
+  counts7[5] += c5;
+}
+
+// One run of elements [i0, i1) (at most kUpdateBlock) with their random words r0/r1.
+// The update loop keeps the stored value before/after and u for the statistics.
+template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
+inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
+                       int64_t i1, const uint32_t* r0, const uint32_t* r1, int64_t blk0,
+                       uint32_t* counts7, int8_t* bins, double* mass) {
+  const UpdateArgs a = args;  // a local copy: stores through the pointers cannot alias it
+  const Spec sp = a.sp;
+  const float alpha = a.alpha, decay = a.decay;
+  const double alpha_d = alpha, decay_m1 = static_cast<double>(decay) - 1.0;
+  // Without decay the decay term is 0 even for an infinite x (not 0 * inf = NaN): x's
+  // bits are masked by a loop-invariant integer rather than selected (see shr_sat).
+  const uint64_t xkeep = decay == 1.0f ? 0ull : ~0ull;
+  void* const param = t.param;
+  const float* __restrict__ dl = t.delta + i0;
+  float* __restrict__ ms = t.master + (t.master ? i0 : 0);
+  const int64_t cnt = i1 - i0;
+  // STATS: 1 on, 0 off, -1 decided at run time (generic paths).
+  const bool stats = STATS < 0 ? stats_rt : STATS > 0;
+  alignas(64) uint32_t pob[kUpdateBlock], pnb[kUpdateBlock], dfb[kUpdateBlock];
+  alignas(64) double ub[kUpdateBlock];
+  if (PATH == kMaster && SIMPLE && STATS > 0) {
+    // The replay step: update and 32-bit statistics fused in one vector loop.
+    const int emin = sp.emin, mb = sp.m, msub = sp.msub;
+    uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
+    int8_t* __restrict__ bn = bins + (i0 - blk0);
+    float* __restrict__ ma = reinterpret_cast<float*>(mass) + (i0 - blk0);
+#pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5)
+    for (int64_t j = 0; j < cnt; ++j) {
+      const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+      const float d = dl[j];
+      const uint32_t db = f32_bits(d);
+      const float m2 = ms[j] + d;
+      ms[j] = m2;
+      const uint32_t pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), sp, a.mode, r1[j]);
+      store_code<ENC>(param, i0 + j, pn, sp);
+      const uint32_t same = (po == pn ? 1u : 0u) | (((po | pn) & 0x7FFFFFFFu) == 0 ? 1u : 0u);
+      const uint32_t old_nan = (po & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+      const uint32_t changed = (same ^ 1u) | old_nan;
+      const uint32_t zero = (db & 0x7FFFFFFFu) == 0 ? 1u : 0u;
+      const uint32_t absorbed = (zero ^ 1u) & (changed ^ 1u);
+      c0 += changed;
+      c1 += absorbed;
+      c2 += zero;
+      c3 += nonfinite32(db);
+      c4 += nonfinite32(po);
+      c5 += nonfinite32(pn);
+      bn[j] = static_cast<int8_t>(element_bin32(po, db, emin, mb, msub));
+      ma[j] = absorbed ? bits_f32(db & 0x7FFFFFFFu) : 0.0f;
+    }
+    counts7[0] += c0;
+    counts7[1] += c1;
+    counts7[2] += c2;
+    counts7[3] += c3;
+    counts7[4] += c4;
+    counts7[5] += c5;
+    return;
+  }
+  if (PATH == kMaster) {
+#pragma omp simd
+    for (int64_t j = 0; j < cnt; ++j) {
+      const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+      const float d = dl[j];
+      const float m = ms[j];
+      const float m2 = fma32(alpha, d, m * decay);
+      ms[j] = m2;
+      const uint32_t pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), sp, a.mode, r1[j]);
+      store_code<ENC>(param, i0 + j, pn, sp);
+      pob[j] = po;
+      pnb[j] = pn;
+      if (!SIMPLE) {
+        ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(m) & xkeep);
+        dfb[j] = 0;
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < cnt; ++j) {
+      const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+      const float p = bits_f32(po);
+      const float d = dl[j];
+      uint32_t pn;
+      uint32_t differs = 0;
+      if (PATH == kKahan) {
+        const float c = bits_f32(load_code<ENC>(t.comp, i0 + j, a.spc));
+        uint32_t cn;
+        kahan_step<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
+        store_code<ENC>(t.comp, i0 + j, cn, a.spc);
+      } else {
+        pn = storage_step<MODE, UNIFORM>(p, d, a, a.sum_mode, r0[j], r1[j]);
+        if (stats) {
+          differs = storage_step<MODE, UNIFORM>(p, d, a, 1 - a.sum_mode, r0[j], r1[j]) != pn;
+        }
+      }
+      store_code<ENC>(param, i0 + j, pn, sp);
+      pob[j] = po;
+      pnb[j] = pn;
+      ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(p) & xkeep);
+      dfb[j] = differs;
+    }
+  }
+  if (stats && SIMPLE) {
+    stats_run32(pob, pnb, reinterpret_cast<const uint32_t*>(dl), cnt, sp, counts7, bins + (i0 - blk0),
+                mass + (i0 - blk0));
+  } else if (stats) {
+    const int64_t k = i0 - blk0;
+    stats_run(pob, pnb, ub, reinterpret_cast<const uint32_t*>(dl), dfb, cnt, sp, counts7,
+              bins + k, mass + k);
+  }
+}
+
+template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
+void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t b_begin,
+                   int64_t b_end, int64_t n, int64_t* counts, double* block_mass) {
+  // Per-block scratch (about 100 KB): one update_run covers the whole block, so the
+  // vector loops run long and their set-up cost vanishes.
+  alignas(64) int8_t bins[kUpdateBlock];
+  alignas(64) double mass[kUpdateBlock];
+  alignas(64) uint32_t r0[kUpdateBlock + 64];
+  alignas(64) uint32_t r1[kUpdateBlock + 64];
+  const bool sr = a.mode == kStochastic;
+  const bool two_draws = sr && PATH != kMaster;
+  int64_t local[kNumStats] = {0};
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t blk0 = b * kUpdateBlock;
+    const int64_t blk1 = (blk0 + kUpdateBlock) < n ? (blk0 + kUpdateBlock) : n;
+    const int64_t len = blk1 - blk0;
+    // Random words of positions offset + blk0 .. offset + blk1 - 1, from whole
+    // 64-word stream blocks (the first may start before the block: skip).
+    const uint64_t p0 = a.offset + static_cast<uint64_t>(blk0);
+    const int64_t skip = static_cast<int64_t>(p0 & 63u);
+    if (sr) {
+      for (int64_t w = 0; w < skip + len; w += 64) {
+        random_block64_simd(a.seed, (p0 >> 6) + static_cast<uint64_t>(w >> 6), r1 + w, 2 * a.step + 1);
+        if (two_draws) random_block64_simd(a.seed, (p0 >> 6) + static_cast<uint64_t>(w >> 6), r0 + w, 2 * a.step);
+      }
+    }
+    uint32_t counts7[7] = {0, 0, 0, 0, 0, 0, 0};
+    update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(t, a, stats, blk0, blk1, r0 + skip,
+                                                        r1 + skip, blk0, counts7, bins, mass);
+    if (!stats) continue;
+    local[kStatN] += len;
+    for (int f = 0; f < 7; ++f) local[kStatChanged + f] += counts7[f];
+    histogram_bytes(bins, len, kHistBins, local + kStatHist0);
+    // absorbed mass: 8 lanes (element k goes to lane k % 8), then lanes in order. The
+    // fused replay loop stores float masses (exact: |delta|) in the same buffer.
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    if (SIMPLE) {
+      const float* fm = reinterpret_cast<const float*>(mass);
+      for (; k + 8 <= len; k += 8) {
+        for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(fm[k + l]);
+      }
+      for (int l = 0; k < len; ++k, ++l) acc[l] += static_cast<double>(fm[k]);
+    } else {
+      for (; k + 8 <= len; k += 8) {
+        for (int l = 0; l < 8; ++l) acc[l] += mass[k + l];
+      }
+      for (int l = 0; k < len; ++k, ++l) acc[l] += mass[k];
+    }
+    double total = 0.0;
+    for (int l = 0; l < 8; ++l) total += acc[l];
+    block_mass[b] = total;
+  }
+  if (stats) {
+    for (int s = 0; s < kNumStats; ++s) {
+      if (local[s]) __atomic_fetch_add(&counts[s], local[s], __ATOMIC_RELAXED);
+    }
+  }
+}
+
+template <int MODE, int ENC>
+void master_fast_s(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t b0, int64_t b1,
+                   int64_t n, int64_t* counts, double* bm) {
+  if (stats && a.alpha == 1.0f && a.decay == 1.0f)  // u = delta exactly: 32-bit statistics
+    return update_blocks<MODE, true, kMaster, ENC, 1, true>(t, a, true, b0, b1, n, counts, bm);
+  if (stats) return update_blocks<MODE, true, kMaster, ENC, 1>(t, a, true, b0, b1, n, counts, bm);
+  update_blocks<MODE, true, kMaster, ENC, 0>(t, a, false, b0, b1, n, counts, bm);
+}
+
+void master_fast(const UpdatePtrs& t, const UpdateArgs& a, int enc, bool stats, int64_t b0,
+                 int64_t b1, int64_t n, int64_t* counts, double* bm) {
+  if (enc == kEncHi16) {
+    if (a.mode == kNearestEven)
+      return master_fast_s<kNearestEven, kEncHi16>(t, a, stats, b0, b1, n, counts, bm);
+    return master_fast_s<kStochastic, kEncHi16>(t, a, stats, b0, b1, n, counts, bm);
+  }
+  if (a.mode == kNearestEven)
+    return master_fast_s<kNearestEven, kEncF32>(t, a, stats, b0, b1, n, counts, bm);
+  master_fast_s<kStochastic, kEncF32>(t, a, stats, b0, b1, n, counts, bm);
+}
+
+template <int PATH, int ENC>
+void update_generic(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t b0, int64_t b1,
+                    int64_t n, int64_t* counts, double* bm) {
+  update_blocks<-1, false, PATH, ENC, -1>(t, a, stats, b0, b1, n, counts, bm);
+}
+
+void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int enc, bool stats,
+                        int64_t b0, int64_t b1, int64_t n, int64_t* counts, double* bm) {
+  // Fast paths: the replay step "fp32 master -> bf16/fp32 param" in the common modes.
+  if (path == kMaster && a.sp.uniform && (enc == kEncHi16 || enc == kEncF32) &&
+      (a.mode == kNearestEven || a.mode == kStochastic)) {
+    return master_fast(t, a, enc, stats, b0, b1, n, counts, bm);
+  }
+#define GS_UPDATE_ENC(P)                                                         \
+  switch (enc) {                                                                 \
+    case kEncF32: return update_generic<P, kEncF32>(t, a, stats, b0, b1, n, counts, bm);   \
+    case kEncHi16: return update_generic<P, kEncHi16>(t, a, stats, b0, b1, n, counts, bm); \
+    case kEnc16: return update_generic<P, kEnc16>(t, a, stats, b0, b1, n, counts, bm);     \
+    default: return update_generic<P, kEnc8>(t, a, stats, b0, b1, n, counts, bm);          \
+  }
+  switch (path) {
+    case kMaster: GS_UPDATE_ENC(kMaster)
+    case kKahan: GS_UPDATE_ENC(kKahan)
+    default: GS_UPDATE_ENC(kStorage)
+  }
+#undef GS_UPDATE_ENC
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace gatesim

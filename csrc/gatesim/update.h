@@ -1,0 +1,222 @@
+// One optimizer-step update of one element in emulated precision, and the statistics
+// of what the rounding absorbed. Header-only, host/device: every backend uses it.
+//
+// Three storage policies (see gatesim/update.py for the user-level description):
+//   storage-only  p <- R(p * decay + alpha * delta)
+//   fp32 master   m <- fl32(fl32(m * decay) + alpha * delta)  (fma: one rounding);  p <- R(m)
+//   Kahan         p, c in the storage format, c the compensation buffer (torch-optimi)
+// R rounds to the storage format in the chosen mode. Sums are either exact (one correct
+// rounding of the exact result, via TwoSum and round-to-odd in fp64) or "fp32" (computed
+// in fp32 first, as PyTorch does for low-precision tensors, then rounded).
+#pragma once
+#include <cstdint>
+
+#include "gatesim/philox.h"
+#include "gatesim/platform.h"
+#include "gatesim/rounding.h"
+
+namespace gatesim {
+
+enum SumMode : int32_t { kSumExact = 0, kSumFp32 = 1 };
+enum Path : int32_t { kStorage = 0, kMaster = 1, kKahan = 2 };
+
+// Histogram of log2(|u| / ulp(p)) for non-zero finite updates u: bin 0 is < 2^-24,
+// bin 1 + j is [2^(j-24), 2^(j-23)) for j = 0..31, bin 33 is >= 2^8.
+constexpr int kHistLo = -24;
+constexpr int kHistBins = 34;
+
+// Layout of the integer statistics vector (the op's first output).
+enum Stat : int {
+  kStatN = 0,
+  kStatChanged,          // stored bits differ (+0 == -0; NaN never equal)
+  kStatAbsorbed,         // u != 0 but stored bits unchanged
+  kStatZero,             // u == 0
+  kStatNonfiniteDelta,   // delta is inf or NaN
+  kStatNonfiniteParam,   // stored value before the step is inf or NaN
+  kStatNonfiniteResult,  // stored value after the step is inf or NaN
+  kStatSumDiffers,       // storage-only: the other sum mode would store other bits
+  kStatHist0,
+  kNumStats = kStatHist0 + kHistBins,
+};
+
+// Exact a + b (doubles) rounded to odd: see sum_to_odd in rounding.h.
+GS_HD uint64_t add_to_odd(double a, double b) {
+  const double s = a + b;
+  const double bb = s - a;
+  const double err = (a - (s - bb)) + (b - bb);
+  uint64_t bits = f64_bits(s);
+  const bool finite = (bits & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+  if (finite && err != 0.0 && (bits & 1u) == 0) {
+    const bool grow = (err > 0.0) == (s > 0.0);
+    bits = grow ? bits + 1 : bits - 1;
+  }
+  return bits;
+}
+
+GS_HD float fma32(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);  // correctly rounded everywhere (hardware or libm)
+#endif
+}
+
+// Rounds fp32 bits with the mode chosen at run time (for the less common policies).
+template <bool UNIFORM, typename U>
+GS_HD uint32_t round_any(U u, const Spec& sp, int mode, uint32_t rnd, int rcap = 32) {
+  switch (mode) {
+    case kNearestEven: return round_bits<kNearestEven, UNIFORM, U>(u, sp, rnd, rcap);
+    case kNearestAway: return round_bits<kNearestAway, UNIFORM, U>(u, sp, rnd, rcap);
+    case kTowardZero: return round_bits<kTowardZero, UNIFORM, U>(u, sp, rnd, rcap);
+    case kUp: return round_bits<kUp, UNIFORM, U>(u, sp, rnd, rcap);
+    case kDown: return round_bits<kDown, UNIFORM, U>(u, sp, rnd, rcap);
+    case kOdd: return round_bits<kOdd, UNIFORM, U>(u, sp, rnd, rcap);
+    default: return round_bits<kStochastic, UNIFORM, U>(u, sp, rnd, rcap);
+  }
+}
+
+// MODE >= 0 is fixed at compile time (fast paths); MODE < 0 reads `mode`.
+template <int MODE, bool UNIFORM, typename U>
+GS_HD uint32_t round_m(U u, const Spec& sp, int mode, uint32_t rnd, int rcap = 32) {
+  if (MODE >= 0) return round_bits<(MODE >= 0 ? MODE : 0), UNIFORM, U>(u, sp, rnd, rcap);
+  return round_any<UNIFORM, U>(u, sp, mode, rnd, rcap);
+}
+
+// Decodes a storage code of the format (right-aligned) into fp32 bits.
+GS_HD uint32_t decode_bits(uint32_t code, const Spec& sp) {
+  const int m = sp.m;
+  const uint32_t top = (1u << sp.ebits) - 1u;
+  const uint32_t sign = (code >> (sp.ebits + m)) & 1u;
+  const uint32_t E = (code >> m) & top;
+  const uint32_t M = code & ((1u << m) - 1u);
+  uint32_t mag;
+  if (!sp.nan_all_ones && E == top) {
+    mag = M == 0 ? 0x7F800000u : 0x7FC00000u;
+  } else if (sp.nan_all_ones && E == top && M == (1u << m) - 1u) {
+    mag = 0x7FC00000u;
+  } else if (E == 0) {
+    mag = f32_bits(static_cast<float>(M) * bits_f32(pow2_bits(sp.emin - m)));  // exact
+  } else {
+    mag = (static_cast<uint32_t>(static_cast<int>(E) - sp.bias + 127) << 23) | (M << (23 - m));
+  }
+  return mag | (sign << 31);
+}
+
+// Exponent q of ulp(x) = 2^q (x finite), per ulp_bits; the format enters only through
+// emin, m and msub (plain ints keep vectorized callers simple).
+GS_HD int ulp_exp_of(uint32_t u, int emin, int m, int msub) {
+  const uint32_t a = u & 0x7FFFFFFFu;
+  const int E = static_cast<int>(a >> 23);
+  const int en = (E > 1 ? E : 1) - 127;
+  // Computed unconditionally: a conversion inside a branch would block if-conversion
+  // (GCC treats it as a possible trap). a | 1 keeps it defined at a = 0 (unused then).
+  const int es = subnormal_exp((a & 0x7FFFFFu) | 1u);
+  const int e = E == 0 ? es : en;
+  const int normal = (a != 0 ? 1 : 0) & (e >= emin ? 1 : 0);
+  return normal ? e - m : emin - msub;
+}
+
+GS_HD int ulp_exp(uint32_t u, const Spec& sp) { return ulp_exp_of(u, sp.emin, sp.m, sp.msub); }
+
+struct UpdateArgs {
+  Spec sp;        // storage format, with the mode's rand_bits and saturation
+  Spec spc;       // compensation buffer: same format, never saturating, nearest_even
+  int mode;       // rounding mode of the stored parameter
+  int sum_mode;   // kSumExact / kSumFp32
+  float alpha;    // update = alpha * delta
+  float decay;    // multiplicative decay applied first (1 = none)
+  uint64_t seed;  // Philox key
+  uint64_t offset;
+  uint64_t step;  // random streams 2 * step (decay rounding) and 2 * step + 1 (update)
+};
+
+struct UpdateResult {
+  uint32_t p;  // new stored value, fp32 bits
+  float m;     // new master (master path)
+  uint32_t c;  // new compensation, fp32 bits (Kahan path)
+  bool other_differs;
+};
+
+// Storage-only policy. `other` requests the other sum mode's result for comparison.
+template <int MODE, bool UNIFORM>
+GS_HD uint32_t storage_step(float p, float d, const UpdateArgs& a, int sum_mode, uint32_t r0,
+                            uint32_t r1) {
+  if (sum_mode == kSumExact) {
+    // One correct rounding of the exact p * decay + alpha * delta (both products exact).
+    const uint64_t s = add_to_odd(static_cast<double>(p) * a.decay,
+                                  static_cast<double>(a.alpha) * d);
+    return round_m<MODE, false, uint64_t>(s, a.sp, a.mode, r1, exact_sum_rcap(a.sp));
+  }
+  // PyTorch on low-precision tensors: p.mul_(decay); p.add_(delta, alpha=alpha), each
+  // computed in fp32 (add with alpha is an fma) and rounded to the storage format.
+  const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p * a.decay), a.sp, a.mode, r0));
+  return round_m<MODE, UNIFORM, uint32_t>(f32_bits(fma32(a.alpha, d, p1)), a.sp, a.mode, r1);
+}
+
+template <int MODE, bool UNIFORM>
+GS_HD void kahan_step(float p, float c, float d, const UpdateArgs& a, uint32_t r0, uint32_t r1,
+                      uint32_t& p_out, uint32_t& c_out) {
+  const Spec& spc = a.spc;
+  if (a.sum_mode == kSumExact) {
+    const float p1 = bits_f32(round_m<MODE, false, uint64_t>(
+        f64_bits(static_cast<double>(p) * a.decay), a.sp, a.mode, r0, exact_sum_rcap(a.sp)));
+    const float c1 = bits_f32(round_bits<kNearestEven, false, uint64_t>(
+        add_to_odd(c, static_cast<double>(a.alpha) * d), spc, 0u));
+    const float p2 = bits_f32(round_m<MODE, false, uint64_t>(add_to_odd(p1, c1), a.sp, a.mode,
+                                                             r1, exact_sum_rcap(a.sp)));
+    const double lost = static_cast<double>(p1) - static_cast<double>(p2);  // exact
+    p_out = f32_bits(p2);
+    c_out = round_bits<kNearestEven, false, uint64_t>(add_to_odd(c1, lost), spc, 0u);
+  } else {
+    // torch-optimi's Kahan summation with every op in the storage dtype:
+    //   c.add_(u); t = p; p.add_(c); c.add_(t.sub_(p))
+    const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p * a.decay), a.sp, a.mode, r0));
+    const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
+        f32_bits(fma32(a.alpha, d, c)), spc, 0u));
+    const float p2 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p1 + c1), a.sp, a.mode, r1));
+    const float t = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(p1 - p2), spc, 0u));
+    p_out = f32_bits(p2);
+    c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(c1 + t), spc, 0u);
+  }
+}
+
+// Per-element contribution to the statistics, packed: bit 0 changed, 1 absorbed, 2 zero
+// update, 3 non-finite delta, 4 non-finite param before, 5 non-finite after, 6 the other
+// sum mode differs. Written with 0/1 integers (no bools) so element loops vectorize.
+GS_HD uint32_t nonfinite32(uint32_t b) { return (b & 0x7F800000u) == 0x7F800000u ? 1u : 0u; }
+
+GS_HD uint32_t element_flags(uint32_t p_old, uint32_t p_new, uint32_t d_bits, double u,
+                             uint32_t differs) {
+  const uint32_t same = (p_old == p_new ? 1u : 0u) | (((p_old | p_new) & 0x7FFFFFFFu) == 0 ? 1u : 0u);
+  const uint32_t old_nan = (p_old & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+  const uint32_t changed = (same ^ 1u) | old_nan;
+  const uint32_t zero = u == 0.0 ? 1u : 0u;  // NaN counts as non-zero
+  const uint32_t absorbed = (zero ^ 1u) & (changed ^ 1u);
+  return changed | (absorbed << 1) | (zero << 2) | (nonfinite32(d_bits) << 3) |
+         (nonfinite32(p_old) << 4) | (nonfinite32(p_new) << 5) | (differs << 6);
+}
+
+// Histogram bin of a non-zero finite update u on stored value p_old; -1 for none.
+GS_HD int element_bin(uint32_t p_old, double u, int emin, int m, int msub) {
+  const uint64_t ub = f64_bits(u);
+  const int ue = static_cast<int>((ub >> 52) & 0x7FFu);
+  const int none = ((ub << 1) == 0 ? 1 : 0) | (ue == 0x7FF ? 1 : 0) |
+                   static_cast<int>(nonfinite32(p_old));
+  int k = (ue - 1023) - ulp_exp_of(p_old, emin, m, msub) - kHistLo + 1;  // 0: below 2^kHistLo
+  k = k < 0 ? 0 : (k > kHistBins - 1 ? kHistBins - 1 : k);
+  return none ? -1 : k;
+}
+
+// element_bin for an fp32 update (u = delta exactly: alpha = 1, no decay).
+GS_HD int element_bin32(uint32_t p_old, uint32_t u_bits, int emin, int m, int msub) {
+  const uint32_t a = u_bits & 0x7FFFFFFFu;
+  const int E = static_cast<int>(a >> 23);
+  const int es = subnormal_exp((a & 0x7FFFFFu) | 1u);
+  const int ue = E == 0 ? es : E - 127;
+  const int none = (a == 0 ? 1 : 0) | (E == 0xFF ? 1 : 0) | static_cast<int>(nonfinite32(p_old));
+  int k = ue - ulp_exp_of(p_old, emin, m, msub) - kHistLo + 1;
+  k = k < 0 ? 0 : (k > kHistBins - 1 ? kHistBins - 1 : k);
+  return none ? -1 : k;
+}
+
+}  // namespace gatesim

@@ -1,0 +1,316 @@
+"""Emulated optimizers: SGD and Adam/AdamW under a precision policy, counting what the
+number format absorbs at every step.
+
+Each optimizer is a ``torch.optim.Optimizer``. The fp32 arithmetic of a step repeats
+PyTorch's single-tensor implementation op for op (``foreach=False``), so under the all-fp32
+policy the parameters are bit-identical to ``torch.optim.SGD`` / ``torch.optim.AdamW``.
+The policy then decides how the result is *stored*: parameter format and rounding mode,
+fp32 master weights or none, Kahan compensation, and the format of the optimizer state.
+The parameter write goes through :func:`gatesim.apply_update`, so after every ``step()``
+``optimizer.last_stats[name]`` holds that parameter's :class:`gatesim.UpdateStats`; with
+``log=path`` every step appends one JSON line per parameter (schema: ``step``, ``param``,
+``numel``, ``shape``, then the UpdateStats fields and ``absorbed_fraction``).
+
+Example::
+
+    policy = PrecisionPolicy(param_format="bf16", mode="stochastic", seed=0)
+    opt = EmulatedAdamW(model.named_parameters(), lr=1e-4, policy=policy, log="steps.jsonl")
+    ...
+    opt.step()
+    print(opt.last_stats["layer.weight"].absorbed_fraction)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Optional, Union
+
+import torch
+
+from gatesim.formats import FP32, Format, as_format
+from gatesim.precision import MODES, mode_index, quantize
+from gatesim.update import SUM_MODES, UpdateStats, apply_update
+
+__all__ = ["PrecisionPolicy", "EmulatedSGD", "EmulatedAdam", "EmulatedAdamW"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPolicy:
+    """How an emulated optimizer stores what it computes.
+
+    Attributes:
+        param_format: storage format of the parameters (a Format, name or dtype; default
+            None: each parameter's own dtype). A float32 parameter under another format is
+            held as float32 values on the format's grid (rounded to nearest once, when the
+            optimizer is built).
+        master: keep fp32 master weights; the stored parameter is ``R(master)``.
+        state_format: format of the optimizer state (momentum, Adam moments), rounded to
+            nearest even after every update.
+        mode: rounding mode of the stored parameter (nearest_even or stochastic, or any
+            other of :data:`gatesim.MODES`).
+        kahan: Kahan-compensated parameter storage (torch-optimi's scheme); not with master.
+        sum: ``"fp32"`` (default: what PyTorch does, compute in fp32 then round) or
+            ``"exact"`` (round the exact result once); see :mod:`gatesim.update`.
+        seed: Philox seed of stochastic rounding. Parameter i uses stream positions
+            starting at the total size of parameters 0..i-1, and step s stream 2s(+1).
+        torch_math: do the fp32 arithmetic with torch's own kernels (bit-identical to
+            torch.optim on this machine). False replaces the one op that is not correctly
+            rounded on some CPUs, ``torch.sqrt`` of float32, by a correctly rounded sqrt,
+            which makes results machine-independent and equal to the numba twin.
+    """
+
+    param_format: Optional[Union[Format, str, torch.dtype]] = None
+    master: bool = False
+    state_format: Union[Format, str, torch.dtype] = "fp32"
+    mode: str = "nearest_even"
+    kahan: bool = False
+    sum: str = "fp32"
+    seed: int = 0
+    torch_math: bool = True
+
+    def __post_init__(self) -> None:
+        if self.param_format is not None:
+            object.__setattr__(self, "param_format", as_format(self.param_format, "param_format"))
+        object.__setattr__(self, "state_format", as_format(self.state_format, "state_format"))
+        mode_index(self.mode)
+        if self.master and self.kahan:
+            raise ValueError("master and kahan: choose one (Kahan compensates low-precision "
+                             "storage without a master copy)")
+        if self.sum not in SUM_MODES:
+            raise ValueError(f"sum must be one of {SUM_MODES}, got {self.sum!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+
+    def describe(self) -> str:
+        parts = [f"param={self.param_format or 'own dtype'}", f"mode={self.mode}",
+                 f"state={self.state_format}", f"sum={self.sum}"]
+        if self.master:
+            parts.append("master=fp32")
+        if self.kahan:
+            parts.append("kahan")
+        return " ".join(parts)
+
+
+def _sqrt(x: torch.Tensor, torch_math: bool) -> torch.Tensor:
+    if torch_math:
+        return x.sqrt()
+    # correctly rounded: sqrt in fp64 then one rounding to fp32 (53 >= 2 * 24 + 2)
+    return x.double().sqrt_().float()
+
+
+class _Emulated(torch.optim.Optimizer):
+    """Shared machinery: parameter names, storage, state rounding, stats and the log."""
+
+    def __init__(self, params, defaults: dict, policy: Optional[PrecisionPolicy],
+                 log: Optional[Union[str, os.PathLike]]):
+        self.policy = policy or PrecisionPolicy()
+        params = list(params)
+        names: dict[int, str] = {}
+        if params and isinstance(params[0], tuple):  # named_parameters()
+            names = {id(p): n for n, p in params}
+            params = [p for _, p in params]
+        super().__init__(params, defaults)
+        self._names: dict[int, str] = {}
+        self._offsets: dict[int, int] = {}
+        offset = 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                self._names[id(p)] = names.get(id(p), f"group{gi}.param{pi}")
+                self._offsets[id(p)] = offset
+                offset += p.numel()
+                self._init_storage(p)
+        self.last_stats: dict[str, UpdateStats] = {}
+        self._log = open(log, "a", encoding="utf-8") if log is not None else None
+        self._steps = 0
+
+    # -- storage -------------------------------------------------------------------
+    def _format(self, p: torch.Tensor) -> Format:
+        return self.policy.param_format or as_format(p.dtype, "parameter dtype")
+
+    def _init_storage(self, p: torch.Tensor) -> None:
+        pol = self.policy
+        fmt = self._format(p)
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {self._names[id(p)]} must be contiguous")
+        if p.dtype != torch.float32 and fmt.torch_dtype != p.dtype:
+            raise TypeError(f"parameter {self._names[id(p)]} is {p.dtype} but the policy "
+                            f"stores {fmt}; use a float32 parameter or a matching format")
+        state = self.state[p]
+        with torch.no_grad():
+            if pol.master:
+                state["master"] = p.detach().float().clone()
+            if p.dtype == torch.float32 and fmt != FP32:
+                quantize(p.data, fmt, out=p.data)
+            if pol.kahan:
+                state["compensation"] = torch.zeros_like(p)
+
+    def _round_state(self, t: torch.Tensor) -> torch.Tensor:
+        if self.policy.state_format != FP32:
+            quantize(t, self.policy.state_format, out=t)
+        return t
+
+    def _weights(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 values the optimizer math sees: the master copy or the stored value."""
+        st = self.state[p]
+        return st["master"] if "master" in st else (p if p.dtype == torch.float32 else p.float())
+
+    def _write(self, p: torch.Tensor, delta: torch.Tensor, alpha: float, decay: float,
+               step: int) -> UpdateStats:
+        pol = self.policy
+        st = self.state[p]
+        return apply_update(
+            p.data, delta.contiguous(), fmt=self._format(p), mode=pol.mode,
+            master=st.get("master"), compensation=st.get("compensation"), alpha=alpha,
+            decay=decay, sum=pol.sum, seed=pol.seed if pol.mode == "stochastic" else None,
+            offset=self._offsets[id(p)], step=step)
+
+    def _record(self, p: torch.Tensor, stats: UpdateStats, step: int) -> None:
+        name = self._names[id(p)]
+        self.last_stats[name] = stats
+        if self._log is not None:
+            rec = {"step": step, "param": name, "numel": p.numel(), "shape": list(p.shape)}
+            rec.update(stats.to_dict())
+            self._log.write(json.dumps(rec) + "\n")
+
+    def _finish_step(self) -> None:
+        self._steps += 1
+        if self._log is not None:
+            self._log.flush()  # a killed run keeps every finished step
+
+    def close(self) -> None:
+        """Closes the JSON-lines log (safe to call twice)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @staticmethod
+    def _grad(p: torch.Tensor) -> Optional[torch.Tensor]:
+        if p.grad is None:
+            return None
+        if p.grad.is_sparse:
+            raise TypeError("sparse gradients are not supported")
+        return p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+
+
+class EmulatedSGD(_Emulated):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) under a
+    :class:`PrecisionPolicy`. Same arithmetic as torch's single-tensor SGD; the final
+    ``param.add_(grad, alpha=-lr)`` becomes an :func:`apply_update` with ``alpha=-lr``."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *,
+                 policy: Optional[PrecisionPolicy] = None, log=None):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("lr, momentum and weight_decay must be non-negative")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov), policy, log)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, damp, wd, nest = (group["lr"], group["momentum"], group["dampening"],
+                                       group["weight_decay"], group["nesterov"])
+            for p in group["params"]:
+                grad = self._grad(p)
+                if grad is None:
+                    continue
+                st = self.state[p]
+                step = st.get("step", 0)
+                if wd != 0:
+                    grad = grad.add(self._weights(p), alpha=wd)
+                if mom != 0:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = self._round_state(grad.detach().clone())
+                        st["momentum_buffer"] = buf
+                    else:
+                        self._round_state(buf.mul_(mom).add_(grad, alpha=1 - damp))
+                    grad = grad.add(buf, alpha=mom) if nest else buf
+                stats = self._write(p, grad, alpha=-lr, decay=1.0, step=step)
+                st["step"] = step + 1
+                self._record(p, stats, step)
+        self._finish_step()
+        return loss
+
+
+class EmulatedAdam(_Emulated):
+    """``torch.optim.Adam`` / ``AdamW`` (``decoupled=True``) under a :class:`PrecisionPolicy`.
+    Same arithmetic as torch's single-tensor Adam; AdamW's ``param.mul_(1 - lr * wd)`` and
+    ``param.addcdiv_(exp_avg, denom, value=-step_size)`` become one :func:`apply_update`
+    with ``decay = 1 - lr * wd`` and ``delta = (-step_size * exp_avg) / denom``."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, policy: Optional[PrecisionPolicy] = None,
+                 log=None):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be non-negative")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay), policy, log)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        torch_math = self.policy.torch_math
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], \
+                group["weight_decay"]
+            for p in group["params"]:
+                grad = self._grad(p)
+                if grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["step"] += 1
+                step = st["step"]
+                decay = 1.0
+                if wd != 0:
+                    if self._decoupled:
+                        decay = 1 - lr * wd
+                    else:
+                        grad = grad.add(self._weights(p), alpha=wd)
+                exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+                self._round_state(exp_avg.lerp_(grad, 1 - beta1))
+                self._round_state(exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2 = 1 - beta2 ** step
+                step_size = lr / bias_correction1
+                bias_correction2_sqrt = bias_correction2 ** 0.5
+                denom = (_sqrt(exp_avg_sq, torch_math) / bias_correction2_sqrt).add_(eps)
+                delta = torch.mul(exp_avg, -step_size).div_(denom)  # addcdiv's (v * t1) / t2
+                stats = self._write(p, delta, alpha=1.0, decay=decay, step=step - 1)
+                self._record(p, stats, step - 1)
+        self._finish_step()
+        return loss
+
+
+class EmulatedAdamW(EmulatedAdam):
+    """``torch.optim.AdamW`` (decoupled weight decay, default 1e-2) under a policy."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, **kw):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kw)

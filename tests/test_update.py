@@ -1,0 +1,241 @@
+"""apply_update: every policy against the numba twin, invariants, Kahan, exact-sum SR."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gatesim
+from gatesim import reference as ref
+from gatesim.precision import mode_index
+from gatesim.testing import float32_arrays, modes
+from gatesim.update import SUM_MODES, UpdateStats
+from conftest import assert_same_bits
+
+STORAGE_FORMATS = [gatesim.BF16, gatesim.FP16, gatesim.E4M3FN, gatesim.E5M2, gatesim.FP32,
+                   gatesim.Format(4, 5, subnormals=False)]
+
+
+def run_both(p32, d, fmt, mode, policy, sum_mode, alpha, decay, seed, offset, step,
+             as_dtype, master=None, comp32=None):
+    """Runs the kernel (param stored in fmt's dtype or in fp32) and the twin."""
+    dtype = fmt.torch_dtype if (as_dtype and fmt.torch_dtype is not None) else torch.float32
+    param = torch.from_numpy(p32.copy()).to(dtype) if dtype != torch.float32 else \
+        torch.from_numpy(p32.copy())
+    kw = dict(fmt=fmt, mode=mode, alpha=alpha, decay=decay, sum=sum_mode, seed=seed,
+              offset=offset, step=step)
+    m_t = c_t = None
+    if policy == "master":
+        m_t = torch.from_numpy(master.copy())
+        kw["master"] = m_t
+    if policy == "kahan":
+        c_t = torch.from_numpy(comp32.copy()).to(dtype) if dtype != torch.float32 else \
+            torch.from_numpy(comp32.copy())
+        kw["compensation"] = c_t
+    stats = gatesim.apply_update(param, torch.from_numpy(d), **kw)
+    path = {"storage": ref.STORAGE, "master": ref.MASTER, "kahan": ref.KAHAN}[policy]
+    args = np.array(fmt.op_args(), dtype=np.int64)
+    n = p32.size
+    pn, mn, cn, counts, mass = ref.apply_update(
+        p32, d, master if master is not None else np.zeros(n, np.float32),
+        comp32 if comp32 is not None else np.zeros(n, np.float32), path, args,
+        mode_index(mode), SUM_MODES.index(sum_mode), alpha, decay, seed or 0, offset, step)
+    return param, m_t, c_t, stats, (pn, mn, cn, counts, mass)
+
+
+@settings(max_examples=150)
+@given(data=st.data(), fmt=st.sampled_from(STORAGE_FORMATS), mode=modes(),
+       policy=st.sampled_from(["storage", "master", "kahan"]), sum_mode=st.sampled_from(SUM_MODES),
+       as_dtype=st.booleans())
+def test_apply_update_equals_twin(data, fmt, mode, policy, sum_mode, as_dtype):
+    x = data.draw(float32_arrays(fmt, min_size=1, max_size=200))
+    n = x.size
+    p32 = gatesim.quantize(torch.from_numpy(x), fmt).numpy()
+    scale = data.draw(st.sampled_from([1e-9, 1e-5, 1e-3, 0.1, 10.0]))
+    d = (data.draw(float32_arrays(fmt, min_size=n, max_size=n)) * np.float32(scale)).astype(np.float32)
+    master = data.draw(float32_arrays(fmt, min_size=n, max_size=n))
+    comp32 = gatesim.quantize(torch.from_numpy(
+        (data.draw(float32_arrays(fmt, min_size=n, max_size=n, allow_nan=False)) * np.float32(1e-3))
+        .astype(np.float32)), fmt).numpy()
+    alpha = data.draw(st.sampled_from([1.0, -0.01, 3.0]))
+    decay = data.draw(st.sampled_from([1.0, 0.999, 0.5]))
+    seed, offset, step = data.draw(st.integers(0, 2 ** 40)), data.draw(st.integers(0, 2 ** 30)), \
+        data.draw(st.integers(0, 1000))
+    with np.errstate(all="ignore"):
+        param, m_t, c_t, stats, (pn, mn, cn, counts, mass) = run_both(
+            p32, d, fmt, mode, policy, sum_mode, alpha, decay, seed, offset, step, as_dtype,
+            master, comp32)
+    assert_same_bits(param.float(), pn, f"param {policy} {fmt} {mode} {sum_mode}", any_nan=True)
+    if m_t is not None:
+        assert_same_bits(m_t, mn, "master")
+    if c_t is not None:
+        assert_same_bits(c_t.float(), cn, "compensation", any_nan=True)
+    want = UpdateStats.from_op(torch.from_numpy(counts), torch.tensor([mass], dtype=torch.float64))
+    assert stats == want
+
+
+def test_large_update_equals_twin_across_blocks_and_threads():
+    """Several 4096-element blocks: counts and the fixed-order mass are bit-identical."""
+    torch.manual_seed(0)
+    n = 50_001
+    w = gatesim.quantize(torch.randn(n) * 0.02, gatesim.BF16)
+    d = torch.randn(n) * 1e-5
+    d[::7] = 0.0
+    for policy in ("master", "storage"):
+        master = (w + torch.randn(n) * 1e-6).numpy()
+        res = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            param, m_t, _, stats, twin = run_both(
+                w.numpy(), d.numpy(), gatesim.BF16, "nearest_even", policy, "exact", 1.0, 1.0,
+                1, 0, 0, True, master=master)
+            res.append((param.clone(), stats))
+            assert_same_bits(param.float(), twin[0], policy)
+            assert stats == UpdateStats.from_op(torch.from_numpy(twin[3]), torch.tensor([twin[4]], dtype=torch.float64))
+        assert res[0][1] == res[1][1]
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("fmt", [gatesim.BF16, gatesim.FP16], ids=str)
+def test_invariants(fmt):
+    torch.manual_seed(1)
+    n = 200_000
+    w32 = gatesim.quantize(torch.randn(n) * 0.05, fmt)
+    u = gatesim.ulp(w32, fmt)
+    d = torch.randn(n) * u * torch.logspace(-3, 1, n)[torch.randperm(n)]
+    p = w32.clone()
+    s = gatesim.apply_update(p, d, fmt=fmt)
+    assert s.n == n and s.changed + s.unchanged == n
+    assert s.absorbed <= s.unchanged
+    assert sum(s.hist) + s.zero == n
+    # nearest: |delta| < ulp/4 is always absorbed (the gap toward zero at a power of two is
+    # ulp/2), |delta| < ulp/2 away from zero too; |delta| >= ulp never is
+    small = d.abs() < u / 4
+    away_half = (d.abs() < u / 2) & (torch.sign(d) == torch.sign(w32))
+    big = d.abs() >= u
+    unchanged = (p.view(torch.int32) == w32.view(torch.int32)) | ((p == 0) & (w32 == 0))
+    assert unchanged[small].all() and unchanged[away_half].all()
+    assert not unchanged[big].any()
+    # histogram bins 0..23 are |u|/ulp < 1/2
+    below_half = int((d.abs() < u / 2).sum())
+    assert sum(s.hist[:24]) == below_half
+
+
+def test_fp32_storage_absorbed_is_exactly_fl32_no_change():
+    torch.manual_seed(2)
+    w = torch.randn(300_000)
+    d = torch.randn(300_000) * torch.logspace(-10, 0, 300_000)
+    expect_absorbed = int(((w + d) == w).sum() - (d == 0).sum())
+    p = w.clone()
+    s = gatesim.apply_update(p, d)
+    assert s.absorbed == expect_absorbed
+    assert torch.equal(p, w + d)
+
+
+def test_stochastic_rounding_of_the_exact_sum_is_unbiased():
+    """An update of 2**-20 ULP is invisible to fp32-sum-then-SR but kept, on average, by
+    SR of the exact sum (5-sigma bound)."""
+    n = 1 << 22
+    ulp = 2.0 ** -7
+    frac = 2.0 ** -20
+    d = torch.full((n,), frac * ulp)
+    p = torch.ones(n, dtype=torch.bfloat16)
+    s = gatesim.apply_update(p, d, mode="stochastic", seed=3)
+    ups = int((p.float() > 1.0).sum())
+    sigma = math.sqrt(n * frac * (1 - frac))
+    assert abs(ups - n * frac) <= 5 * sigma + 1
+    assert s.changed == ups and s.sum_differs == ups  # fp32-sum SR would never move
+    p2 = torch.ones(n, dtype=torch.bfloat16)
+    s2 = gatesim.apply_update(p2, d, mode="stochastic", seed=3, sum="fp32")
+    assert s2.changed == 0 and s2.absorbed == n
+
+
+def test_kahan_tracks_fp32_while_plain_bf16_drifts():
+    """1000 steps of an update far below half a bf16 ULP. Documented bound: the Kahan run
+    stays within one bf16 ULP of the fp32 reference; the plain run does not move at all."""
+    torch.manual_seed(4)
+    n = 10_000
+    w0 = gatesim.quantize(torch.rand(n) + 0.5, gatesim.BF16)  # in [0.5, 1.5]
+    delta = torch.full((n,), 2.0 ** -12)  # 1/16 .. 1/32 of a bf16 ULP
+    ref32 = w0.clone()
+    plain = w0.to(torch.bfloat16)
+    kahan = w0.to(torch.bfloat16)
+    comp = torch.zeros(n, dtype=torch.bfloat16)
+    for _ in range(1000):
+        ref32 += delta
+        gatesim.apply_update(plain, delta, stats=False)
+        gatesim.apply_update(kahan, delta, compensation=comp, stats=False)
+    ulp = gatesim.ulp(ref32, gatesim.BF16)
+    err_kahan = (kahan.float() - ref32).abs()
+    err_plain = (plain.float() - ref32).abs()
+    assert (err_kahan <= ulp).all()
+    assert torch.equal(plain, w0.to(torch.bfloat16))  # every step absorbed
+    assert (err_plain > 10 * ulp).all()  # 1000 * 2**-12 = 0.244: many ULPs of drift
+
+
+def test_master_path_matches_fp32_accumulation():
+    torch.manual_seed(5)
+    m = torch.randn(10_000) * 0.02
+    p = gatesim.to_dtype(m, torch.bfloat16)
+    ref32 = m.clone()
+    for step in range(20):
+        d = torch.randn(10_000) * 1e-4
+        ref32 += d
+        s = gatesim.apply_update(p, d, master=m, step=step)
+        assert s.n == 10_000
+    assert torch.equal(m, ref32)
+    assert torch.equal(p, gatesim.to_dtype(ref32, torch.bfloat16))
+
+
+def test_nonfinite_inputs_are_counted_or_refused():
+    p = torch.ones(6, dtype=torch.bfloat16)
+    d = torch.tensor([1e-4, math.nan, math.inf, -math.inf, 0.0, 1.0])
+    s = gatesim.apply_update(p, d)
+    assert s.nonfinite_delta == 3 and s.nonfinite_result == 3 and s.zero == 1
+    p2 = torch.ones(6, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        gatesim.apply_update(p2, d, check_finite=True)
+    assert torch.equal(p2, torch.ones(6, dtype=torch.bfloat16))  # untouched
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda p, d: gatesim.apply_update(p, d[:3]), ValueError, "delta has shape"),
+    (lambda p, d: gatesim.apply_update(p, d.double()), TypeError, "delta must be float32"),
+    (lambda p, d: gatesim.apply_update(p.int(), d), TypeError, "param must be one of"),
+    (lambda p, d: gatesim.apply_update(p, d, master=d.bfloat16()), TypeError, "master must be float32"),
+    (lambda p, d: gatesim.apply_update(p, d, master=d[:2]), ValueError, "master has shape"),
+    (lambda p, d: gatesim.apply_update(p, d, compensation=d), TypeError, "compensation"),
+    (lambda p, d: gatesim.apply_update(p, d, master=d.clone(), compensation=p.clone()),
+     ValueError, "not both"),
+    (lambda p, d: gatesim.apply_update(p, d, fmt="fp16"), TypeError, "does not match"),
+    (lambda p, d: gatesim.apply_update(p, d, sum="double"), ValueError, "sum must be"),
+    (lambda p, d: gatesim.apply_update(p, d, mode="stochastic"), ValueError, "seed is required"),
+    (lambda p, d: gatesim.apply_update(p, d, step=-1), ValueError, "step"),
+    (lambda p, d: gatesim.apply_update(p, d, alpha=math.nan), ValueError, "alpha"),
+    (lambda p, d: gatesim.apply_update(p, d.t()), ValueError, "contiguous"),
+])
+def test_bad_input(call, exc, match):
+    p = torch.ones(4, 4, dtype=torch.bfloat16)
+    d = torch.ones(4, 4) * 1e-3
+    with pytest.raises(exc, match=match):
+        call(p, d)
+
+
+def test_stats_are_json_and_add_up():
+    p = torch.ones(100, dtype=torch.bfloat16)
+    a = gatesim.apply_update(p, torch.full((100,), 1e-5))
+    b = gatesim.apply_update(p, torch.full((100,), 1.0))
+    c = a + b
+    assert c.n == 200 and c.absorbed == a.absorbed + b.absorbed
+    import json
+    assert json.loads(a.to_json())["absorbed"] == 100
+
+
+def test_opcheck_apply_update():
+    p = torch.ones(64, dtype=torch.bfloat16)
+    d = torch.randn(64) * 1e-3
+    m = torch.ones(64)
+    torch.library.opcheck(torch.ops.gatesim.apply_update.default,
+                          (p, d, m, None, gatesim.BF16.op_args(), 0, 0, 1.0, 1.0, 0, 0, 0, True))
