@@ -7,7 +7,24 @@ import glob
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _locate_cuda_home() -> None:
+    """torch finds CUDA_HOME from `which nvcc`; where nvcc is a wrapper script in
+    /usr/local/bin (as on this project's machines) that gives /usr/local, which has no
+    CUDA headers. Point it at a real toolkit instead, before torch looks."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for root in sorted(glob.glob("/usr/local/cuda-*")) + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_locate_cuda_home()
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,6 +36,19 @@ def want_cuda() -> bool:
     import torch
 
     return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def cuda_extra_include_dirs() -> list:
+    """Headers torch includes that a minimal CUDA toolkit may lack (cusparse.h, ...): the
+    pip CUDA wheels that come with torch ship them under nvidia/cu*/include."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    return dirs
 
 
 def extension():
@@ -33,12 +63,15 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
+        # Without a GPU (CI) torch cannot detect the architecture: build for A100 and
+        # Hopper (H100/H200) unless TORCH_CUDA_ARCH_LIST says otherwise.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-std=c++20", "--fmad=false", "-lineinfo", *opt]
         return CUDAExtension(
             "gatesim._C",
             sources,
-            include_dirs=include_dirs,
+            include_dirs=include_dirs + cuda_extra_include_dirs(),
             extra_compile_args={"cxx": cxx + ["-DGATESIM_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )

@@ -292,6 +292,12 @@ def _bits32(x):
 
 
 @numba.njit(cache=True)
+def _canon(x):
+    """NaN results of arithmetic are canonical +qNaN (as in the kernels)."""
+    return math.nan if math.isnan(x) else x
+
+
+@numba.njit(cache=True)
 def _f32(x):
     return np.float64(np.float32(x))
 
@@ -299,7 +305,8 @@ def _f32(x):
 @numba.njit(cache=True)
 def _round_sum(a, b, fmt, mode, rnd, rcap):
     """Format rounding of the exact a + b (doubles holding exact values)."""
-    s, err = two_sum(a, b)
+    s, err = two_sum(_canon(a), _canon(b))
+    s = _canon(s)
     if math.isinf(s) or math.isnan(s):
         err = 0.0
     return round_exact(s, err, fmt, mode, rnd, 52, -1022, rcap)
@@ -321,7 +328,7 @@ def _round32(x, fmt, mode, rnd):
 def _storage_step(p, d, fmt, mode, alpha, decay, sum_mode, r0, r1):
     if sum_mode == SUM_EXACT:
         return _round_sum(p * decay, alpha * d, fmt, mode, r1, min(51 - fmt[1], 32))
-    p1 = _round32(_f32(p * decay), fmt, mode, r0)
+    p1 = _round32(_f32(_canon(p * decay)), fmt, mode, r0)
     return _round32(fma32(alpha, d, p1), fmt, mode, r1)
 
 
@@ -350,9 +357,13 @@ def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, se
     fmt_c[7] = 0
     alpha, decay = np.float64(np.float32(alpha)), np.float64(np.float32(decay))
     rcap = min(51 - fmt[1], 32)
-    mass = 0.0
+    nblocks = (n + UPDATE_BLOCK - 1) // UPDATE_BLOCK
+    padded = 1
+    while padded < nblocks:
+        padded *= 2
+    block_mass = np.zeros(padded)
     for b0 in range(0, n, UPDATE_BLOCK):
-        acc = np.zeros(8)
+        acc = np.zeros(UPDATE_BLOCK)
         for i in range(b0, min(n, b0 + UPDATE_BLOCK)):
             pos = offset + i
             r0 = random_word(seed, pos, 2 * step) if mode == STOCHASTIC else 0
@@ -360,23 +371,23 @@ def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, se
             po, dv = np.float64(p[i]), np.float64(d[i])
             differs = False
             if path == MASTER:
-                m2 = fma32(alpha, dv, _f32(np.float64(master[i]) * decay))
+                m2 = fma32(alpha, dv, _f32(_canon(np.float64(master[i]) * decay)))
                 mn[i] = m2
                 new = _round32(m2, fmt, mode, r1)
                 u = alpha * dv + ((decay - 1.0) * np.float64(master[i]) if decay != 1.0 else 0.0)
             elif path == KAHAN:
                 c = np.float64(comp[i])
                 if sum_mode == SUM_EXACT:
-                    p1 = round_exact(po * decay, 0.0, fmt, mode, r0, 52, -1022, rcap)
+                    p1 = round_exact(_canon(po * decay), 0.0, fmt, mode, r0, 52, -1022, rcap)
                     c1 = _round_sum(c, alpha * dv, fmt_c, NEAREST_EVEN, 0, 32)
                     new = _round_sum(p1, c1, fmt, mode, r1, rcap)
-                    cn[i] = _round_sum(c1, p1 - new, fmt_c, NEAREST_EVEN, 0, 32)
+                    cn[i] = _round_sum(c1, _canon(p1 - new), fmt_c, NEAREST_EVEN, 0, 32)
                 else:
-                    p1 = _round32(_f32(po * decay), fmt, mode, r0)
+                    p1 = _round32(_f32(_canon(po * decay)), fmt, mode, r0)
                     c1 = _round32(fma32(alpha, dv, c), fmt_c, NEAREST_EVEN, 0)
-                    new = _round32(_f32(p1 + c1), fmt, mode, r1)
-                    t = _round32(_f32(p1 - new), fmt_c, NEAREST_EVEN, 0)
-                    cn[i] = _round32(_f32(c1 + t), fmt_c, NEAREST_EVEN, 0)
+                    new = _round32(_f32(_canon(p1 + c1)), fmt, mode, r1)
+                    t = _round32(_f32(_canon(p1 - new)), fmt_c, NEAREST_EVEN, 0)
+                    cn[i] = _round32(_f32(_canon(c1 + t)), fmt_c, NEAREST_EVEN, 0)
                 u = alpha * dv + ((decay - 1.0) * po if decay != 1.0 else 0.0)
             else:
                 new = _storage_step(po, dv, fmt, mode, alpha, decay, sum_mode, r0, r1)
@@ -401,12 +412,22 @@ def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, se
                 k = _binade(abs(u)) - _ulp_exp(po, fmt) - HIST_LO + 1
                 counts[8 + min(max(k, 0), HIST_BINS - 1)] += 1
             if absorbed:
-                acc[(i - b0) % 8] += abs(u)
-        block = 0.0
-        for lane in range(8):
-            block += acc[lane]
-        mass += block
+                acc[i - b0] = abs(u)
+        block_mass[b0 // UPDATE_BLOCK] = tree_sum(acc)
+    mass = tree_sum(block_mass) if n > 0 else 0.0
     return pn, mn, cn, counts, mass
+
+
+@numba.njit(cache=True)
+def tree_sum(a):
+    """Pairwise sum in the kernels' fixed order: for half = n/2, ..., 1: a[k] += a[k + half]
+    (n a power of two; a is consumed)."""
+    half = a.size // 2
+    while half >= 1:
+        for k in range(half):
+            a[k] += a[k + half]
+        half //= 2
+    return a[0]
 
 
 # ----- optimizers (SGD, Adam/AdamW) ------------------------------------------------------

@@ -62,7 +62,9 @@ class UpdateStats:
             given (NaN propagates, as in real training) and counted here.
         sum_differs: storage-only policy: elements where the other ``sum`` mode would have
             stored other bits (0 for the other policies).
-        absorbed_mass: sum of ``|u|`` over absorbed elements (fp64, summed in a fixed order).
+        absorbed_mass: sum of ``|u|`` over absorbed elements (fp64, summed by a fixed pairwise
+            tree over blocks of 4096 elements and then over blocks: the same bits for any
+            thread count, instruction set or device).
         hist: counts of ``log2(|u| / ulp(p_before))`` over non-zero finite updates in the bins
             of :data:`HIST_EDGES_LOG2`; ``u < ulp/2`` is bins 0..23.
 

@@ -12,13 +12,6 @@
 namespace gatesim {
 namespace cpu {
 
-// Output encodings of quantize.
-enum Enc : int {
-  kEncF32 = 0,   // fp32 bits
-  kEncHi16 = 1,  // bf16: the high half of the fp32 bits
-  kEnc16 = 2,    // any format of <= 16 bits, right-aligned (fp16)
-  kEnc8 = 3,     // any format of <= 8 bits (fp8)
-};
 
 // Elements per statistics block of apply_update (fixed: results must not depend on
 // how work is split).

@@ -15,6 +15,7 @@
 
 #include "cpu/kernels.h"
 #include "format_check.h"
+#include "op_checks.h"
 #include "gatesim/rounding.h"
 
 namespace gatesim {
@@ -57,50 +58,9 @@ const KernelTable& table() {
   return *t;
 }
 
-void check_float_input(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be on the CPU for this kernel, got ",
-                    x.device());
-  TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
-}
-
-int enc_for(at::ScalarType t, const Spec& sp) {
-  switch (t) {
-    case at::kFloat: return kEncF32;
-    case at::kBFloat16:
-      TORCH_CHECK_TYPE(sp.ebits == 8 && sp.m == 7 && sp.uniform, "bfloat16 output needs BF16");
-      return kEncHi16;
-    case at::kHalf:
-      TORCH_CHECK_TYPE(sp.ebits == 5 && sp.m == 10 && sp.bias == 15, "float16 output needs FP16");
-      return kEnc16;
-    case at::kFloat8_e4m3fn:
-      TORCH_CHECK_TYPE(sp.ebits == 4 && sp.m == 3 && sp.bias == 7 && sp.nan_all_ones,
-                       "float8_e4m3fn output needs E4M3FN");
-      return kEnc8;
-    case at::kFloat8_e5m2:
-      TORCH_CHECK_TYPE(sp.ebits == 5 && sp.m == 2 && sp.bias == 15 && !sp.nan_all_ones,
-                       "float8_e5m2 output needs E5M2");
-      return kEnc8;
-    default:
-      TORCH_CHECK_TYPE(false, "unsupported output dtype ", t);
-  }
-  return kEncF32;
-}
-
-void check_mode(int64_t mode) {
-  TORCH_CHECK_VALUE(mode >= 0 && mode < kNumModes, "mode must be in 0..", kNumModes - 1,
-                    ", got ", mode);
-}
-
-void check_stream(int64_t seed, int64_t offset, int64_t n) {
-  TORCH_CHECK_VALUE(seed >= 0, "seed must be non-negative, got ", seed);
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
-  TORCH_CHECK_VALUE(offset <= (int64_t{1} << 62) - n, "offset + numel exceeds 2**62");
-}
-
 void quantize_out_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, int64_t seed,
                       int64_t offset, at::Tensor& out) {
-  check_float_input(x, "x");
+  check_float_input(x, "x", at::kCPU);
   check_mode(mode);
   check_stream(seed, offset, x.numel());
   const Spec sp = spec_from_list(fmt);
@@ -120,14 +80,14 @@ void quantize_out_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, i
 
 at::Tensor quantize_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, int64_t seed,
                         int64_t offset, at::ScalarType dtype) {
-  check_float_input(x, "x");
+  check_float_input(x, "x", at::kCPU);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
   quantize_out_cpu(x, fmt, mode, seed, offset, out);
   return out;
 }
 
 at::Tensor ulp_cpu(const at::Tensor& x, c10::IntArrayRef fmt) {
-  check_float_input(x, "x");
+  check_float_input(x, "x", at::kCPU);
   const Spec sp = spec_from_list(fmt);
   at::Tensor out = at::empty_like(x);
   const auto* xp = static_cast<const uint32_t*>(x.const_data_ptr());
@@ -140,8 +100,8 @@ at::Tensor ulp_cpu(const at::Tensor& x, c10::IntArrayRef fmt) {
 
 at::Tensor absorbed_cpu(const at::Tensor& w, const at::Tensor& delta, c10::IntArrayRef fmt,
                         int64_t mode, int64_t seed, int64_t offset) {
-  check_float_input(w, "w");
-  check_float_input(delta, "delta");
+  check_float_input(w, "w", at::kCPU);
+  check_float_input(delta, "delta", at::kCPU);
   TORCH_CHECK_VALUE(w.sizes() == delta.sizes(), "delta has shape ", delta.sizes(),
                     ", w has ", w.sizes());
   check_mode(mode);
@@ -171,21 +131,13 @@ void random_bits_out_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   });
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), ", param on ",
-                    ref.device());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " has shape ", t.sizes(), ", param has ",
-                    ref.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-}
-
 std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
     at::Tensor& param, const at::Tensor& delta, const std::optional<at::Tensor>& master,
     const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt, int64_t mode, int64_t sum_mode,
     double alpha, double decay, int64_t seed, int64_t offset, int64_t step, bool stats) {
   TORCH_CHECK_VALUE(param.device().is_cpu(), "param must be on the CPU for this kernel");
   TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
-  check_float_input(delta, "delta");
+  check_float_input(delta, "delta", at::kCPU);
   check_like(delta, param, "delta");
   check_mode(mode);
   TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
@@ -239,9 +191,11 @@ std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
     tb.apply_update(t, a, path, enc, stats, b0, b1, n, cp, bm);
   });
-  double total = 0.0;  // blocks in order: the same sum for any thread count
-  for (double v : block_mass) total += v;
-  mass.mutable_data_ptr<double>()[0] = total;
+  // blocks by the same fixed tree as within a block: the same sum for any thread count
+  int64_t padded = 1;
+  while (padded < nblocks) padded <<= 1;
+  block_mass.resize(stats ? padded : 0, 0.0);
+  mass.mutable_data_ptr<double>()[0] = stats ? tree_sum(block_mass.data(), padded) : 0.0;
   return {counts, mass};
 }
 

@@ -16,22 +16,6 @@ namespace gatesim {
 namespace cpu {
 namespace {
 
-template <int ENC>
-inline uint32_t load_code(const void* base, int64_t i, const Spec& sp) {
-  if (ENC == kEncF32) return static_cast<const uint32_t*>(base)[i];
-  if (ENC == kEncHi16) return static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
-  if (ENC == kEnc16) return decode_bits(static_cast<const uint16_t*>(base)[i], sp);
-  return decode_bits(static_cast<const uint8_t*>(base)[i], sp);
-}
-
-template <int ENC>
-inline void store_code(void* base, int64_t i, uint32_t r, const Spec& sp) {
-  if (ENC == kEncF32) static_cast<uint32_t*>(base)[i] = r;
-  else if (ENC == kEncHi16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(r >> 16);
-  else if (ENC == kEnc16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(encode_bits(r, sp));
-  else static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(encode_bits(r, sp));
-}
-
 // Statistics of one run from the before/after values kept by update_run: flag counts
 // (integer reductions, so their order is free), histogram bins and absorbed mass.
 inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restrict__ pn,
@@ -129,7 +113,7 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
       const float d = dl[j];
       const uint32_t db = f32_bits(d);
-      const float m2 = ms[j] + d;
+      const float m2 = add32(ms[j], d);
       ms[j] = m2;
       const uint32_t pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), sp, a.mode, r1[j]);
       store_code<ENC>(param, i0 + j, pn, sp);
@@ -161,7 +145,7 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
       const float d = dl[j];
       const float m = ms[j];
-      const float m2 = fma32(alpha, d, m * decay);
+      const float m2 = fma32(alpha, d, mul32(m, decay));
       ms[j] = m2;
       const uint32_t pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), sp, a.mode, r1[j]);
       store_code<ENC>(param, i0 + j, pn, sp);
@@ -240,24 +224,17 @@ void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t
     local[kStatN] += len;
     for (int f = 0; f < 7; ++f) local[kStatChanged + f] += counts7[f];
     histogram_bytes(bins, len, kHistBins, local + kStatHist0);
-    // absorbed mass: 8 lanes (element k goes to lane k % 8), then lanes in order. The
+    // absorbed mass: a fixed pairwise tree over the block (see tree_sum in update.h); the
     // fused replay loop stores float masses (exact: |delta|) in the same buffer.
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
+    alignas(64) double tree[kUpdateBlock];
     if (SIMPLE) {
       const float* fm = reinterpret_cast<const float*>(mass);
-      for (; k + 8 <= len; k += 8) {
-        for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(fm[k + l]);
-      }
-      for (int l = 0; k < len; ++k, ++l) acc[l] += static_cast<double>(fm[k]);
+      for (int64_t k = 0; k < len; ++k) tree[k] = static_cast<double>(fm[k]);
     } else {
-      for (; k + 8 <= len; k += 8) {
-        for (int l = 0; l < 8; ++l) acc[l] += mass[k + l];
-      }
-      for (int l = 0; k < len; ++k, ++l) acc[l] += mass[k];
+      for (int64_t k = 0; k < len; ++k) tree[k] = mass[k];
     }
-    double total = 0.0;
-    for (int l = 0; l < 8; ++l) total += acc[l];
+    for (int64_t k = len; k < kUpdateBlock; ++k) tree[k] = 0.0;
+    const double total = tree_sum(tree, kUpdateBlock);
     block_mass[b] = total;
   }
   if (stats) {

@@ -30,6 +30,14 @@ enum Mode : int32_t {
   kNumModes = 7,
 };
 
+// Storage encodings of values (quantize outputs, apply_update parameters).
+enum Enc : int {
+  kEncF32 = 0,   // fp32 bits
+  kEncHi16 = 1,  // bf16: the high half of the fp32 bits
+  kEnc16 = 2,    // any format of <= 16 bits, right-aligned (fp16)
+  kEnc8 = 3,     // any format of <= 8 bits (fp8)
+};
+
 // Everything a kernel needs about the target format. Built by make_spec from the
 // six numbers that define a format; gatesim.Format derives the same quantities in
 // Python and the tests hold the two together.

@@ -39,7 +39,14 @@ enum Stat : int {
   kNumStats = kStatHist0 + kHistBins,
 };
 
-// Exact a + b (doubles) rounded to odd: see sum_to_odd in rounding.h.
+// NaN results of arithmetic are made canonical (+qNaN) before anything else sees them:
+// which NaN an operation returns is the hardware's choice (x86 keeps an operand's payload
+// and sign, CUDA returns 0x7FFFFFFF), and results must not depend on the device.
+GS_HD float canon32(float x) { return x == x ? x : bits_f32(0x7FC00000u); }
+GS_HD double canon64(double x) { return x == x ? x : bits_f64(0x7FF8000000000000ull); }
+
+// Exact a + b (doubles) rounded to odd: see sum_to_odd in rounding.h. A NaN sum is
+// canonical (+qNaN).
 GS_HD uint64_t add_to_odd(double a, double b) {
   const double s = a + b;
   const double bb = s - a;
@@ -50,16 +57,22 @@ GS_HD uint64_t add_to_odd(double a, double b) {
     const bool grow = (err > 0.0) == (s > 0.0);
     bits = grow ? bits + 1 : bits - 1;
   }
-  return bits;
+  return s == s ? bits : 0x7FF8000000000000ull;
 }
 
+// fp32 fma (one rounding), NaN made canonical.
 GS_HD float fma32(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
+  return canon32(__fmaf_rn(a, b, c));
 #else
-  return __builtin_fmaf(a, b, c);  // correctly rounded everywhere (hardware or libm)
+  return canon32(__builtin_fmaf(a, b, c));  // correctly rounded everywhere (hardware or libm)
 #endif
 }
+
+// fp32 product and sums with canonical NaN.
+GS_HD float mul32(float a, float b) { return canon32(a * b); }
+GS_HD float add32(float a, float b) { return canon32(a + b); }
+GS_HD float sub32(float a, float b) { return canon32(a - b); }
 
 // Rounds fp32 bits with the mode chosen at run time (for the less common policies).
 template <bool UNIFORM, typename U>
@@ -100,6 +113,24 @@ GS_HD uint32_t decode_bits(uint32_t code, const Spec& sp) {
     mag = (static_cast<uint32_t>(static_cast<int>(E) - sp.bias + 127) << 23) | (M << (23 - m));
   }
   return mag | (sign << 31);
+}
+
+// Reads element i of a parameter stored with encoding ENC as fp32 bits, and writes it
+// back from fp32 bits (which hold a value of the format).
+template <int ENC>
+GS_HD uint32_t load_code(const void* base, int64_t i, const Spec& sp) {
+  if (ENC == kEncF32) return static_cast<const uint32_t*>(base)[i];
+  if (ENC == kEncHi16) return static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
+  if (ENC == kEnc16) return decode_bits(static_cast<const uint16_t*>(base)[i], sp);
+  return decode_bits(static_cast<const uint8_t*>(base)[i], sp);
+}
+
+template <int ENC>
+GS_HD void store_code(void* base, int64_t i, uint32_t r, const Spec& sp) {
+  if (ENC == kEncF32) static_cast<uint32_t*>(base)[i] = r;
+  else if (ENC == kEncHi16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(r >> 16);
+  else if (ENC == kEnc16) static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(encode_bits(r, sp));
+  else static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(encode_bits(r, sp));
 }
 
 // Exponent q of ulp(x) = 2^q (x finite), per ulp_bits; the format enters only through
@@ -143,13 +174,13 @@ GS_HD uint32_t storage_step(float p, float d, const UpdateArgs& a, int sum_mode,
                             uint32_t r1) {
   if (sum_mode == kSumExact) {
     // One correct rounding of the exact p * decay + alpha * delta (both products exact).
-    const uint64_t s = add_to_odd(static_cast<double>(p) * a.decay,
-                                  static_cast<double>(a.alpha) * d);
+    const uint64_t s = add_to_odd(canon64(static_cast<double>(p) * a.decay),
+                                  canon64(static_cast<double>(a.alpha) * d));
     return round_m<MODE, false, uint64_t>(s, a.sp, a.mode, r1, exact_sum_rcap(a.sp));
   }
   // PyTorch on low-precision tensors: p.mul_(decay); p.add_(delta, alpha=alpha), each
   // computed in fp32 (add with alpha is an fma) and rounded to the storage format.
-  const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p * a.decay), a.sp, a.mode, r0));
+  const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(mul32(p, a.decay)), a.sp, a.mode, r0));
   return round_m<MODE, UNIFORM, uint32_t>(f32_bits(fma32(a.alpha, d, p1)), a.sp, a.mode, r1);
 }
 
@@ -159,25 +190,37 @@ GS_HD void kahan_step(float p, float c, float d, const UpdateArgs& a, uint32_t r
   const Spec& spc = a.spc;
   if (a.sum_mode == kSumExact) {
     const float p1 = bits_f32(round_m<MODE, false, uint64_t>(
-        f64_bits(static_cast<double>(p) * a.decay), a.sp, a.mode, r0, exact_sum_rcap(a.sp)));
+        f64_bits(canon64(static_cast<double>(p) * a.decay)), a.sp, a.mode, r0, exact_sum_rcap(a.sp)));
     const float c1 = bits_f32(round_bits<kNearestEven, false, uint64_t>(
-        add_to_odd(c, static_cast<double>(a.alpha) * d), spc, 0u));
+        add_to_odd(c, canon64(static_cast<double>(a.alpha) * d)), spc, 0u));
     const float p2 = bits_f32(round_m<MODE, false, uint64_t>(add_to_odd(p1, c1), a.sp, a.mode,
                                                              r1, exact_sum_rcap(a.sp)));
-    const double lost = static_cast<double>(p1) - static_cast<double>(p2);  // exact
+    const double lost = canon64(static_cast<double>(p1) - static_cast<double>(p2));  // exact
     p_out = f32_bits(p2);
     c_out = round_bits<kNearestEven, false, uint64_t>(add_to_odd(c1, lost), spc, 0u);
   } else {
     // torch-optimi's Kahan summation with every op in the storage dtype:
     //   c.add_(u); t = p; p.add_(c); c.add_(t.sub_(p))
-    const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p * a.decay), a.sp, a.mode, r0));
+    const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(mul32(p, a.decay)), a.sp, a.mode, r0));
     const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
         f32_bits(fma32(a.alpha, d, c)), spc, 0u));
-    const float p2 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(p1 + c1), a.sp, a.mode, r1));
-    const float t = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(p1 - p2), spc, 0u));
+    const float p2 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(add32(p1, c1)), a.sp, a.mode, r1));
+    const float t = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(sub32(p1, p2)), spc, 0u));
     p_out = f32_bits(p2);
-    c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(c1 + t), spc, 0u);
+    c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(add32(c1, t)), spc, 0u);
   }
+}
+
+// The absorbed mass is summed in one fixed order on every backend: within each block
+// of kUpdateBlock (4096) elements, zero-padded, and then over the blocks (zero-padded to
+// a power of two), always by the same pairwise tree: for half = n/2, n/4, ..., 1:
+// a[k] += a[k + half] for k < half. Vector units and GPU thread blocks evaluate a level
+// at once, and the result is bit-identical everywhere. n must be a power of two.
+GS_HD double tree_sum(double* a, int64_t n) {
+  for (int64_t half = n >> 1; half >= 1; half >>= 1) {
+    for (int64_t k = 0; k < half; ++k) a[k] += a[k + half];
+  }
+  return n > 0 ? a[0] : 0.0;
 }
 
 // Per-element contribution to the statistics, packed: bit 0 changed, 1 absorbed, 2 zero
