@@ -97,7 +97,7 @@ def test_apply_update_matches_cpu(fmt, mode, policy, summ):
     dtype = fmt.torch_dtype
     results = []
     for dev in ("cpu", "cuda"):
-        p = w.to(dtype).to(dev)
+        p = w.clone().to(dtype).to(dev)  # a copy: .to() of the same dtype/device aliases w
         kw = dict(mode=mode, seed=3, offset=11, step=4, alpha=-0.5, decay=0.999, sum=summ)
         if policy == "master":
             kw["master"] = (w + torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-6).to(dev)

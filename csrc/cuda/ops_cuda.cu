@@ -38,10 +38,30 @@ int grid_for(int64_t work) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 // ---- quantize ---------------------------------------------------------------------
+// Each thread rounds kUnroll elements a grid-stride apart, loading all of them before
+// computing: one element per thread leaves too few loads in flight to reach bandwidth.
+constexpr int kUnroll = 8;
+
+int grid_for_unrolled(int64_t n) { return grid_for((n + kUnroll - 1) / kUnroll); }
+
 template <int MODE, bool UNIFORM, int ENC>
 __global__ void quantize_kernel(const uint32_t* __restrict__ x, void* __restrict__ y, int64_t n,
                                 Spec sp) {
-  GS_GRID_STRIDE(i, n) { store_code<ENC>(y, i, round_bits<MODE, UNIFORM, uint32_t>(x[i], sp, 0u), sp); }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n;
+       base += kUnroll * stride) {
+    uint32_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      v[u] = i < n ? x[i] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n) store_code<ENC>(y, i, round_bits<MODE, UNIFORM, uint32_t>(v[u], sp, 0u), sp);
+    }
+  }
 }
 
 // Stochastic rounding: one Philox call serves the four positions of its counter
@@ -69,7 +89,7 @@ __global__ void quantize_sr_kernel(const uint32_t* __restrict__ x, void* __restr
 template <bool UNIFORM, int ENC>
 void launch_quantize(const uint32_t* x, void* y, int64_t n, const Spec& sp, int mode,
                      uint64_t seed, uint64_t offset, cudaStream_t st) {
-  const int g = grid_for(n);
+  const int g = grid_for_unrolled(n);
   switch (mode) {
     case kNearestEven: quantize_kernel<kNearestEven, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
     case kNearestAway: quantize_kernel<kNearestAway, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
@@ -227,25 +247,39 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdatePtrs t, UpdateAr
   const bool sr = a.mode == kStochastic;
   const uint64_t xkeep = a.decay == 1.0f ? 0ull : ~0ull;
   const double alpha_d = a.alpha, decay_m1 = static_cast<double>(a.decay) - 1.0;
-  for (int k = threadIdx.x; k < kBlock; k += blockDim.x) {
+  constexpr int kPer = kBlock / kThreads;  // 16 elements per thread, 256 apart
+  // Load phase: every load of the thread is issued before any computation.
+  uint32_t po[kPer];
+  float dv[kPer], mv[kPer];
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int64_t i = blk0 + threadIdx.x + r * kThreads;
+    const bool in = i < n;
+    po[r] = in ? load_code<ENC>(t.param, i, a.sp) : 0u;
+    dv[r] = in ? t.delta[i] : 0.0f;
+    mv[r] = (in && PATH == kMaster) ? t.master[i] : 0.0f;
+  }
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int k = threadIdx.x + r * kThreads;
     const int64_t i = blk0 + k;
+    const bool in = i < n;
     double mass = 0.0;
-    if (i < n) {
+    int bin = -1;
+    if (in) {
       const uint64_t pos = a.offset + static_cast<uint64_t>(i);
       const uint32_t r1 = sr ? random_word(a.seed, pos, 2 * a.step + 1) : 0u;
       const uint32_t r0 = (sr && PATH != kMaster) ? random_word(a.seed, pos, 2 * a.step) : 0u;
-      const uint32_t po = load_code<ENC>(t.param, i, a.sp);
-      const float p = bits_f32(po);
-      const float d = t.delta[i];
+      const float p = bits_f32(po[r]);
+      const float d = dv[r];
       uint32_t pn;
       uint32_t differs = 0;
       double x;
       if (PATH == kMaster) {
-        const float m = t.master[i];
-        const float m2 = fma32(a.alpha, d, mul32(m, a.decay));
+        const float m2 = fma32(a.alpha, d, mul32(mv[r], a.decay));
         t.master[i] = m2;
         pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), a.sp, a.mode, r1);
-        x = m;
+        x = mv[r];
       } else if (PATH == kKahan) {
         const float cc = bits_f32(load_code<ENC>(t.comp, i, a.spc));
         uint32_t cn;
@@ -260,15 +294,19 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdatePtrs t, UpdateAr
       store_code<ENC>(t.param, i, pn, a.sp);
       if (STATS) {
         const double u = alpha_d * d + decay_m1 * bits_f64(f64_bits(x) & xkeep);
-        const uint32_t f = element_flags(po, pn, f32_bits(d), u, differs);
+        const uint32_t f = element_flags(po[r], pn, f32_bits(d), u, differs);
 #pragma unroll
         for (int q = 0; q < 7; ++q) c[q] += (f >> q) & 1u;
-        const int bin = element_bin(po, u, a.sp.emin, a.sp.m, a.sp.msub);
-        if (bin >= 0) atomicAdd(&shist[bin], 1u);
+        bin = element_bin(po[r], u, a.sp.emin, a.sp.m, a.sp.msub);
         mass = ((f >> 1) & 1u) ? fabs(u) : 0.0;
       }
     }
-    if (STATS) smass[k] = mass;
+    if (STATS) {
+      smass[k] = mass;
+      // warp-aggregated histogram: one shared atomic per distinct bin in the warp
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
+      if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&shist[bin], __popc(peers));
+    }
   }
   if (!STATS) return;
 #pragma unroll
