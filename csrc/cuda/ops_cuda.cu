@@ -64,6 +64,26 @@ __global__ void quantize_kernel(const uint32_t* __restrict__ x, void* __restrict
   }
 }
 
+template <int ENC>
+__global__ void quantize_ne_fast_kernel(const uint32_t* __restrict__ x, void* __restrict__ y,
+                                        int64_t n, Spec sp, int d) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n;
+       base += kUnroll * stride) {
+    uint32_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      v[u] = i < n ? x[i] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n) store_code<ENC>(y, i, round_ne_uniform(v[u], d), sp);
+    }
+  }
+}
+
 // Stochastic rounding: one Philox call serves the four positions of its counter
 // (positions 64b + 16w + j for w = 0..3, see gatesim/philox.h).
 template <bool UNIFORM, int ENC>
@@ -90,6 +110,10 @@ template <bool UNIFORM, int ENC>
 void launch_quantize(const uint32_t* x, void* y, int64_t n, const Spec& sp, int mode,
                      uint64_t seed, uint64_t offset, cudaStream_t st) {
   const int g = grid_for_unrolled(n);
+  if (UNIFORM && mode == kNearestEven && sp.fast_ne && (ENC == kEncF32 || ENC == kEncHi16)) {
+    quantize_ne_fast_kernel<ENC><<<g, kThreads, 0, st>>>(x, y, n, sp, 23 - sp.m);
+    return;
+  }
   switch (mode) {
     case kNearestEven: quantize_kernel<kNearestEven, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
     case kNearestAway: quantize_kernel<kNearestAway, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
@@ -278,7 +302,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdatePtrs t, UpdateAr
       if (PATH == kMaster) {
         const float m2 = fma32(a.alpha, d, mul32(mv[r], a.decay));
         t.master[i] = m2;
-        pn = round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), a.sp, a.mode, r1);
+        pn = (MODE == kNearestEven && UNIFORM && a.sp.fast_ne)
+                 ? round_ne_uniform(f32_bits(m2), 23 - a.sp.m)
+                 : round_m<MODE, UNIFORM, uint32_t>(f32_bits(m2), a.sp, a.mode, r1);
         x = mv[r];
       } else if (PATH == kKahan) {
         const float cc = bits_f32(load_code<ENC>(t.comp, i, a.spc));

@@ -55,6 +55,7 @@ struct Spec {
   uint32_t inf_result;  // fp32 bits given where infinity is due: inf, max (saturate) or NaN
   bool uniform;       // fp32's exponent range with subnormals: a fixed d = 23 - m
   uint32_t m_mask;    // all ones if m > 0, else 0 (arithmetic select in vector loops)
+  bool fast_ne;       // round_ne_uniform applies: uniform, IEEE specials, inf, no saturation
   // Stochastic rounding in uniform formats (d = 23 - m for every value): the shifts and
   // masks of the decision, precomputed so vector loops see plain loop-invariant integers
   // (GCC turns an in-loop derivation back into selects on a scalar condition, which it
@@ -121,6 +122,7 @@ GS_HD Spec make_spec(int ebits, int m, int bias, bool subnormals, bool has_inf,
   s.inf_result = saturate ? s.max_bits : (has_inf ? 0x7F800000u : 0x7FC00000u);
   s.uniform = (ebits == 8 && bias == 127 && subnormals);
   s.m_mask = m > 0 ? 0xFFFFFFFFu : 0u;
+  s.fast_ne = s.uniform && has_inf && !nan_all_ones && !saturate && m < 23;
   s.rand_bits = rand_bits;
   {
     const int d = 23 - m;
@@ -304,6 +306,18 @@ GS_HD uint32_t round_bits(U u, const Spec& sp, uint32_t rnd, int rcap = 32) {
   uint32_t mag = blend(T::to_f32(res), big, is_inf | static_cast<uint32_t>(ovf));
   mag = blend(mag, 0x7FC00000u, is_nan);
   return (sign << 31) | mag;
+}
+
+// nearest_even for formats with fp32's exponent range (bf16, tf32; Spec::fast_ne): the
+// general path reduces to one add with the sticky carry. Overflow needs no test: the
+// carry out of the largest finite value lands exactly on the infinity pattern, which is
+// the IEEE result. Used by the GPU kernels, where the general path is compute-bound;
+// identical results (the CUDA tests compare with the CPU kernels bit for bit).
+GS_HD uint32_t round_ne_uniform(uint32_t u, int d) {
+  const uint32_t sign = u & 0x80000000u, a = u & 0x7FFFFFFFu;
+  const uint32_t mask = (1u << d) - 1u;
+  const uint32_t r = (a + (mask >> 1) + ((a >> d) & 1u)) & ~mask;
+  return sign | (a > 0x7F800000u ? 0x7FC00000u : r);
 }
 
 // Encodes an fp32 value that is representable in the format (a result of round_bits)
