@@ -4,7 +4,12 @@
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+#include <vector>
+
+#include "format_check.h"
 #include "gatesim/rounding.h"
+#include "gatesim/update.h"
 
 namespace gatesim {
 
@@ -55,6 +60,68 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " has shape ", t.sizes(), ", param has ",
                     ref.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Everything an apply_update kernel needs, from the op's arguments, checked.
+struct UpdateCall {
+  UpdatePtrs t;
+  UpdateArgs a;
+  int path;
+  int enc;
+  int64_t n;
+};
+
+inline UpdateCall prepare_update(at::Tensor& param, const at::Tensor& delta,
+                                 const std::optional<at::Tensor>& master,
+                                 const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt,
+                                 int64_t mode, int64_t sum_mode, double alpha, double decay,
+                                 int64_t seed, int64_t offset, int64_t step, c10::DeviceType dev) {
+  TORCH_CHECK_VALUE(param.device().type() == dev, "param must be on ", c10::DeviceTypeName(dev),
+                    " for this kernel, got ", param.device());
+  TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
+  check_float_input(delta, "delta", dev);
+  check_like(delta, param, "delta");
+  check_mode(mode);
+  TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
+  check_stream(seed, offset, param.numel());
+  TORCH_CHECK_VALUE(step >= 0, "step must be non-negative, got ", step);
+  TORCH_CHECK_VALUE(!(master.has_value() && comp.has_value()),
+                    "use either master weights or a compensation buffer, not both");
+  UpdateCall c;
+  c.a.sp = spec_from_list(fmt);
+  std::vector<int64_t> fmt_c(fmt.begin(), fmt.end());
+  fmt_c[6] = 0;  // the compensation buffer never saturates and rounds to nearest
+  fmt_c[7] = 0;
+  c.a.spc = spec_from_list(fmt_c);
+  c.enc = enc_for(param.scalar_type(), c.a.sp);
+  c.path = kStorage;
+  c.t = UpdatePtrs{param.mutable_data_ptr(), delta.const_data_ptr<float>(), nullptr, nullptr};
+  if (master.has_value()) {
+    const at::Tensor& m = *master;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "master must be float32, got ", m.scalar_type());
+    check_like(m, param, "master");
+    TORCH_CHECK_VALUE(!m.is_same(param), "master must not be param itself");
+    c.t.master = m.mutable_data_ptr<float>();
+    c.path = kMaster;
+  }
+  if (comp.has_value()) {
+    const at::Tensor& k = *comp;
+    TORCH_CHECK_TYPE(k.scalar_type() == param.scalar_type(), "compensation must have param's dtype ",
+                     param.scalar_type(), ", got ", k.scalar_type());
+    check_like(k, param, "compensation");
+    TORCH_CHECK_VALUE(!k.is_same(param), "compensation must not be param itself");
+    c.t.comp = k.mutable_data_ptr();
+    c.path = kKahan;
+  }
+  c.a.mode = static_cast<int>(mode);
+  c.a.sum_mode = static_cast<int>(sum_mode);
+  c.a.alpha = static_cast<float>(alpha);
+  c.a.decay = static_cast<float>(decay);
+  c.a.seed = static_cast<uint64_t>(seed);
+  c.a.offset = static_cast<uint64_t>(offset);
+  c.a.step = static_cast<uint64_t>(step);
+  c.n = param.numel();
+  return c;
 }
 
 }  // namespace gatesim

@@ -17,13 +17,6 @@ namespace cpu {
 // how work is split).
 constexpr int64_t kUpdateBlock = 4096;
 
-struct UpdatePtrs {
-  void* param;         // storage, encoded per `enc`
-  const float* delta;
-  float* master;       // master path only
-  void* comp;          // Kahan path only, encoded like param
-};
-
 struct KernelTable {
   const char* name;
   void (*quantize)(const uint32_t* x, void* y, int enc, int64_t begin, int64_t end,

@@ -135,52 +135,12 @@ std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
     at::Tensor& param, const at::Tensor& delta, const std::optional<at::Tensor>& master,
     const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt, int64_t mode, int64_t sum_mode,
     double alpha, double decay, int64_t seed, int64_t offset, int64_t step, bool stats) {
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "param must be on the CPU for this kernel");
-  TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
-  check_float_input(delta, "delta", at::kCPU);
-  check_like(delta, param, "delta");
-  check_mode(mode);
-  TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
-  check_stream(seed, offset, param.numel());
-  TORCH_CHECK_VALUE(step >= 0, "step must be non-negative, got ", step);
-  TORCH_CHECK_VALUE(!(master.has_value() && comp.has_value()),
-                    "use either master weights or a compensation buffer, not both");
-  const Spec sp = spec_from_list(fmt);
-  std::vector<int64_t> fmt_c(fmt.begin(), fmt.end());
-  fmt_c[6] = 0;  // the compensation buffer never saturates and rounds to nearest
-  fmt_c[7] = 0;
-  const Spec spc = spec_from_list(fmt_c);
-  const int enc = enc_for(param.scalar_type(), sp);
-  int path = kStorage;
-  UpdatePtrs t{param.mutable_data_ptr(), delta.const_data_ptr<float>(), nullptr, nullptr};
-  if (master.has_value()) {
-    const at::Tensor& m = *master;
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "master must be float32, got ", m.scalar_type());
-    check_like(m, param, "master");
-    TORCH_CHECK_VALUE(!m.is_same(param), "master must not be param itself");
-    t.master = m.mutable_data_ptr<float>();
-    path = kMaster;
-  }
-  if (comp.has_value()) {
-    const at::Tensor& c = *comp;
-    TORCH_CHECK_TYPE(c.scalar_type() == param.scalar_type(), "compensation must have param's dtype ",
-                     param.scalar_type(), ", got ", c.scalar_type());
-    check_like(c, param, "compensation");
-    TORCH_CHECK_VALUE(!c.is_same(param), "compensation must not be param itself");
-    t.comp = c.mutable_data_ptr();
-    path = kKahan;
-  }
-  UpdateArgs a;
-  a.sp = sp;
-  a.spc = spc;
-  a.mode = static_cast<int>(mode);
-  a.sum_mode = static_cast<int>(sum_mode);
-  a.alpha = static_cast<float>(alpha);
-  a.decay = static_cast<float>(decay);
-  a.seed = static_cast<uint64_t>(seed);
-  a.offset = static_cast<uint64_t>(offset);
-  a.step = static_cast<uint64_t>(step);
-  const int64_t n = param.numel();
+  const UpdateCall c = prepare_update(param, delta, master, comp, fmt, mode, sum_mode, alpha,
+                                      decay, seed, offset, step, at::kCPU);
+  const UpdatePtrs& t = c.t;
+  const UpdateArgs& a = c.a;
+  const int path = c.path, enc = c.enc;
+  const int64_t n = c.n;
   const int64_t nblocks = (n + kUpdateBlock - 1) / kUpdateBlock;
   at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));
   at::Tensor mass = at::zeros({1}, param.options().dtype(at::kDouble));

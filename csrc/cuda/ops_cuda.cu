@@ -44,29 +44,21 @@ constexpr int kUnroll = 8;
 
 int grid_for_unrolled(int64_t n) { return grid_for((n + kUnroll - 1) / kUnroll); }
 
-template <int MODE, bool UNIFORM, int ENC>
-__global__ void quantize_kernel(const uint32_t* __restrict__ x, void* __restrict__ y, int64_t n,
-                                Spec sp) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n;
-       base += kUnroll * stride) {
-    uint32_t v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      v[u] = i < n ? x[i] : 0u;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      if (i < n) store_code<ENC>(y, i, round_bits<MODE, UNIFORM, uint32_t>(v[u], sp, 0u), sp);
-    }
-  }
-}
+// The rounding of one value, as a functor: the general path, or the nearest_even fast
+// path of uniform formats (Spec::fast_ne).
+template <int MODE, bool UNIFORM>
+struct GeneralRound {
+  Spec sp;
+  __device__ uint32_t operator()(uint32_t v) const { return round_bits<MODE, UNIFORM, uint32_t>(v, sp, 0u); }
+};
+struct FastNearestEven {
+  int d;
+  __device__ uint32_t operator()(uint32_t v) const { return round_ne_uniform(v, d); }
+};
 
-template <int ENC>
-__global__ void quantize_ne_fast_kernel(const uint32_t* __restrict__ x, void* __restrict__ y,
-                                        int64_t n, Spec sp, int d) {
+template <int ENC, class Round>
+__global__ void quantize_kernel(const uint32_t* __restrict__ x, void* __restrict__ y, int64_t n,
+                                Spec sp, Round round) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; base < n;
        base += kUnroll * stride) {
@@ -79,7 +71,7 @@ __global__ void quantize_ne_fast_kernel(const uint32_t* __restrict__ x, void* __
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * stride;
-      if (i < n) store_code<ENC>(y, i, round_ne_uniform(v[u], d), sp);
+      if (i < n) store_code<ENC>(y, i, round(v[u]), sp);
     }
   }
 }
@@ -111,16 +103,19 @@ void launch_quantize(const uint32_t* x, void* y, int64_t n, const Spec& sp, int 
                      uint64_t seed, uint64_t offset, cudaStream_t st) {
   const int g = grid_for_unrolled(n);
   if (UNIFORM && mode == kNearestEven && sp.fast_ne && (ENC == kEncF32 || ENC == kEncHi16)) {
-    quantize_ne_fast_kernel<ENC><<<g, kThreads, 0, st>>>(x, y, n, sp, 23 - sp.m);
+    quantize_kernel<ENC><<<g, kThreads, 0, st>>>(x, y, n, sp, FastNearestEven{23 - sp.m});
     return;
   }
   switch (mode) {
-    case kNearestEven: quantize_kernel<kNearestEven, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
-    case kNearestAway: quantize_kernel<kNearestAway, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
-    case kTowardZero: quantize_kernel<kTowardZero, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
-    case kUp: quantize_kernel<kUp, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
-    case kDown: quantize_kernel<kDown, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
-    case kOdd: quantize_kernel<kOdd, UNIFORM, ENC><<<g, kThreads, 0, st>>>(x, y, n, sp); break;
+#define GS_QUANTIZE_CASE(M) \
+    case M: quantize_kernel<ENC><<<g, kThreads, 0, st>>>(x, y, n, sp, GeneralRound<M, UNIFORM>{sp}); break;
+    GS_QUANTIZE_CASE(kNearestEven)
+    GS_QUANTIZE_CASE(kNearestAway)
+    GS_QUANTIZE_CASE(kTowardZero)
+    GS_QUANTIZE_CASE(kUp)
+    GS_QUANTIZE_CASE(kDown)
+    GS_QUANTIZE_CASE(kOdd)
+#undef GS_QUANTIZE_CASE
     default: {
       const int64_t blocks = static_cast<int64_t>(((offset + n - 1) >> 6) - (offset >> 6) + 1);
       const int64_t nc = 16 * blocks;
@@ -246,13 +241,6 @@ void random_bits_out_cuda(at::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 // ---- apply_update -------------------------------------------------------------------------
-struct UpdatePtrs {
-  void* param;
-  const float* delta;
-  float* master;
-  void* comp;
-};
-
 // One CUDA block per 4096-element statistics block; thread t handles elements t, t + 256, ...
 template <int MODE, bool UNIFORM, int PATH, int ENC, bool STATS>
 __global__ void __launch_bounds__(kThreads) update_kernel(UpdatePtrs t, UpdateArgs a, int64_t n,
@@ -393,48 +381,13 @@ std::tuple<at::Tensor, at::Tensor> apply_update_cuda(
     at::Tensor& param, const at::Tensor& delta, const std::optional<at::Tensor>& master,
     const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt, int64_t mode, int64_t sum_mode,
     double alpha, double decay, int64_t seed, int64_t offset, int64_t step, bool stats) {
-  TORCH_CHECK_VALUE(param.device().is_cuda(), "param must be on a CUDA device for this kernel");
-  TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
-  check_float_input(delta, "delta", at::kCUDA);
-  check_like(delta, param, "delta");
-  check_mode(mode);
-  TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
-  check_stream(seed, offset, param.numel());
-  TORCH_CHECK_VALUE(step >= 0, "step must be non-negative, got ", step);
-  TORCH_CHECK_VALUE(!(master.has_value() && comp.has_value()),
-                    "use either master weights or a compensation buffer, not both");
-  const Spec sp = spec_from_list(fmt);
-  std::vector<int64_t> fmt_c(fmt.begin(), fmt.end());
-  fmt_c[6] = 0;
-  fmt_c[7] = 0;
-  const int enc = enc_for(param.scalar_type(), sp);
-  int path = kStorage;
-  UpdatePtrs t{param.mutable_data_ptr(), delta.const_data_ptr<float>(), nullptr, nullptr};
-  if (master.has_value()) {
-    TORCH_CHECK_TYPE(master->scalar_type() == at::kFloat, "master must be float32, got ",
-                     master->scalar_type());
-    check_like(*master, param, "master");
-    t.master = master->mutable_data_ptr<float>();
-    path = kMaster;
-  }
-  if (comp.has_value()) {
-    TORCH_CHECK_TYPE(comp->scalar_type() == param.scalar_type(),
-                     "compensation must have param's dtype ", param.scalar_type());
-    check_like(*comp, param, "compensation");
-    t.comp = comp->mutable_data_ptr();
-    path = kKahan;
-  }
-  UpdateArgs a;
-  a.sp = sp;
-  a.spc = spec_from_list(fmt_c);
-  a.mode = static_cast<int>(mode);
-  a.sum_mode = static_cast<int>(sum_mode);
-  a.alpha = static_cast<float>(alpha);
-  a.decay = static_cast<float>(decay);
-  a.seed = static_cast<uint64_t>(seed);
-  a.offset = static_cast<uint64_t>(offset);
-  a.step = static_cast<uint64_t>(step);
-  const int64_t n = param.numel();
+  const UpdateCall call = prepare_update(param, delta, master, comp, fmt, mode, sum_mode, alpha,
+                                         decay, seed, offset, step, at::kCUDA);
+  const UpdatePtrs& t = call.t;
+  const UpdateArgs& a = call.a;
+  const Spec& sp = a.sp;
+  const int path = call.path, enc = call.enc;
+  const int64_t n = call.n;
   c10::cuda::CUDAGuard guard(param.device());
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));

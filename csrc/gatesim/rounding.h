@@ -363,26 +363,29 @@ GS_HD uint32_t ulp_bits(uint32_t u, const Spec& sp) {
   return pow2_bits(qe);
 }
 
-// Exact w + delta, rounded to odd into fp64: the double nearest the exact sum with an
-// odd last bit whenever the sum is inexact. Rounding that double to any format with at
+// Exact a + b (doubles) rounded to odd into fp64: the double nearest the exact sum with
+// an odd last bit whenever the sum is inexact. Rounding that double to any format with at
 // most 53 - 2 bits of precision gives the correct rounding of the exact sum in every
 // mode (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums", 2008), and a
-// stochastic decision on at most (52 - m - 1) random bits sees the exact fraction.
-GS_HD uint64_t sum_to_odd(float w, float dl) {
-  const double dw = w, dd = dl;
-  const double s = dw + dd;
-  // TwoSum (Knuth): s + err == dw + dd exactly. No multiplications, so no contraction.
-  const double bb = s - dw;
-  const double err = (dw - (s - bb)) + (dd - bb);
-  uint64_t b = f64_bits(s);
-  const bool finite = (b & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-  if (finite && err != 0.0 && (b & 1u) == 0) {
+// stochastic decision on at most (52 - m - 1) random bits sees the exact fraction. A NaN
+// sum is the canonical +qNaN (which NaN hardware returns is its own choice).
+GS_HD uint64_t add_to_odd(double a, double b) {
+  const double s = a + b;
+  // TwoSum (Knuth): s + err == a + b exactly. No multiplications, so no contraction.
+  const double bb = s - a;
+  const double err = (a - (s - bb)) + (b - bb);
+  uint64_t bits = f64_bits(s);
+  const bool finite = (bits & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+  if (finite && err != 0.0 && (bits & 1u) == 0) {
     // Step one ulp toward the exact sum: magnitude grows iff err has s's sign.
     const bool grow = (err > 0.0) == (s > 0.0);
-    b = grow ? b + 1 : b - 1;
+    bits = grow ? bits + 1 : bits - 1;
   }
-  return b;
+  return s == s ? bits : 0x7FF8000000000000ull;
 }
+
+// The exact w + delta of two floats, rounded to odd into fp64.
+GS_HD uint64_t sum_to_odd(float w, float dl) { return add_to_odd(w, dl); }
 
 // Random bits cap for the exact-sum path: keep the decision boundary on an even double.
 GS_HD int exact_sum_rcap(const Spec& sp) { return 51 - sp.m < 32 ? 51 - sp.m : 32; }

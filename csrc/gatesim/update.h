@@ -45,21 +45,6 @@ enum Stat : int {
 GS_HD float canon32(float x) { return x == x ? x : bits_f32(0x7FC00000u); }
 GS_HD double canon64(double x) { return x == x ? x : bits_f64(0x7FF8000000000000ull); }
 
-// Exact a + b (doubles) rounded to odd: see sum_to_odd in rounding.h. A NaN sum is
-// canonical (+qNaN).
-GS_HD uint64_t add_to_odd(double a, double b) {
-  const double s = a + b;
-  const double bb = s - a;
-  const double err = (a - (s - bb)) + (b - bb);
-  uint64_t bits = f64_bits(s);
-  const bool finite = (bits & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-  if (finite && err != 0.0 && (bits & 1u) == 0) {
-    const bool grow = (err > 0.0) == (s > 0.0);
-    bits = grow ? bits + 1 : bits - 1;
-  }
-  return s == s ? bits : 0x7FF8000000000000ull;
-}
-
 // fp32 fma (one rounding), NaN made canonical.
 GS_HD float fma32(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
@@ -148,6 +133,14 @@ GS_HD int ulp_exp_of(uint32_t u, int emin, int m, int msub) {
 }
 
 GS_HD int ulp_exp(uint32_t u, const Spec& sp) { return ulp_exp_of(u, sp.emin, sp.m, sp.msub); }
+
+// Buffers of one apply_update call (param and comp encoded per the storage format).
+struct UpdatePtrs {
+  void* param;
+  const float* delta;
+  float* master;  // master path only
+  void* comp;     // Kahan path only
+};
 
 struct UpdateArgs {
   Spec sp;        // storage format, with the mode's rand_bits and saturation
