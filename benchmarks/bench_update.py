@@ -29,7 +29,7 @@ SLOW_WARMUP_ROUNDS = 2
 
 _REPLAY = uc.ReplayState.allocate()
 _REPLAY_CASES = {**uc.replay_reference_cases(_REPLAY), **uc.replay_gatesim_cases(_REPLAY)}
-_SLOW_NAMES = {uc.EAGER_STATS}
+_SLOW_NAMES = {uc.EAGER_NAIVE, uc.EAGER_STATS, uc.EAGER_PREALLOC}
 
 
 @pytest.fixture(scope="module")
