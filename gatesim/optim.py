@@ -191,6 +191,14 @@ class _Emulated(torch.optim.Optimizer):
             pass
 
     @staticmethod
+    def _closure_loss(closure):
+        """Re-evaluates the model with gradients enabled, as torch.optim does."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
     def _grad(p: torch.Tensor) -> Optional[torch.Tensor]:
         if p.grad is None:
             return None
@@ -216,10 +224,7 @@ class EmulatedSGD(_Emulated):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             lr, mom, damp, wd, nest = (group["lr"], group["momentum"], group["dampening"],
                                        group["weight_decay"], group["nesterov"])
@@ -266,10 +271,7 @@ class EmulatedAdam(_Emulated):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         torch_math = self.policy.torch_math
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], \

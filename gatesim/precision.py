@@ -35,11 +35,19 @@ def mode_index(mode: str) -> int:
     return MODES.index(name)
 
 
-def _check_tensor(x, argname: str) -> torch.Tensor:
+def _check_tensor(x, argname: str, like: Optional[torch.Tensor] = None,
+                  likename: str = "") -> torch.Tensor:
+    """A contiguous float32 tensor (of like's shape and device, when given)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"{argname} must be float32, got {x.dtype}")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{argname} has shape {tuple(x.shape)}, {likename} has "
+                             f"{tuple(like.shape)}")
+        if x.device != like.device:
+            raise ValueError(f"{argname} is on {x.device}, {likename} on {like.device}")
     if not x.is_contiguous():
         raise ValueError(f"{argname} must be contiguous; call {argname}.contiguous()")
     return x
@@ -181,11 +189,7 @@ def absorbed(w: torch.Tensor, delta: torch.Tensor, fmt: FormatLike, mode: str = 
     """
     fmt = as_format(fmt)
     _check_tensor(w, "w")
-    _check_tensor(delta, "delta")
-    if delta.shape != w.shape:
-        raise ValueError(f"delta has shape {tuple(delta.shape)}, w has {tuple(w.shape)}")
-    if delta.device != w.device:
-        raise ValueError(f"delta is on {delta.device}, w on {w.device}")
+    _check_tensor(delta, "delta", like=w, likename="w")
     m = mode_index(mode)
     seed_, offset_ = _stream_args(m, seed, offset, w.numel())
     if check:

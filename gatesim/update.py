@@ -31,7 +31,7 @@ import torch
 
 from gatesim._ops import ops
 from gatesim.formats import Format, as_format
-from gatesim.precision import MODES, _stream_args, mode_index
+from gatesim.precision import _check_tensor, _stream_args, mode_index
 
 __all__ = ["UpdateStats", "apply_update", "HIST_EDGES_LOG2", "SUM_MODES"]
 
@@ -178,19 +178,9 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
             (otherwise they are applied and counted).
     """
     fmt = _check_storage(param, fmt)
-    for name, t in (("delta", delta), ("master", master)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.shape != param.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, param has {tuple(param.shape)}")
-        if t.device != param.device:
-            raise ValueError(f"{name} is on {t.device}, param on {param.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    _check_tensor(delta, "delta", like=param, likename="param")
+    if master is not None:
+        _check_tensor(master, "master", like=param, likename="param")
     if compensation is not None:
         if not isinstance(compensation, torch.Tensor) or compensation.dtype != param.dtype:
             raise TypeError(f"compensation must be a tensor of param's dtype {param.dtype}")

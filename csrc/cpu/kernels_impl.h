@@ -43,15 +43,12 @@ void quantize_plain(const uint32_t* __restrict__ x, void* yv, int64_t b, int64_t
   }
 }
 
-// Stochastic rounding: random words are made 64 at a time (one stream block), then
-// consumed by an elementwise loop. Block boundaries follow stream positions, not
-// chunk boundaries, so any chunking yields the same words.
-template <bool UNIFORM, int ENC>
-void quantize_stochastic(const uint32_t* __restrict__ x, void* yv, int64_t b, int64_t e,
-                         const Spec& sp, uint64_t seed, uint64_t offset) {
-  using T = typename Out<ENC>::T;
-  T* __restrict__ y = static_cast<T*>(yv);
-  const Spec s = sp;
+// Walks elements [b, e) in runs that share one 64-word stream block: fills the block's
+// random words, then calls run(i, cnt, words) with the words of elements i .. i+cnt-1.
+// Block boundaries follow stream positions, not chunk boundaries, so any chunking sees
+// the same words.
+template <class Run>
+inline void for_each_random_run(int64_t b, int64_t e, uint64_t seed, uint64_t offset, Run run) {
   alignas(64) uint32_t rnd[64];
   int64_t i = b;
   while (i < e) {
@@ -59,15 +56,26 @@ void quantize_stochastic(const uint32_t* __restrict__ x, void* yv, int64_t b, in
     const int64_t skip = static_cast<int64_t>(p & 63u);
     random_block64_simd(seed, p >> 6, rnd);
     const int64_t cnt = (64 - skip) < (e - i) ? (64 - skip) : (e - i);
+    run(i, cnt, static_cast<const uint32_t*>(rnd + skip));
+    i += cnt;
+  }
+}
+
+// Stochastic rounding: random words 64 at a time, consumed by an elementwise loop.
+template <bool UNIFORM, int ENC>
+void quantize_stochastic(const uint32_t* __restrict__ x, void* yv, int64_t b, int64_t e,
+                         const Spec& sp, uint64_t seed, uint64_t offset) {
+  using T = typename Out<ENC>::T;
+  T* __restrict__ y = static_cast<T*>(yv);
+  const Spec s = sp;
+  for_each_random_run(b, e, seed, offset, [&](int64_t i, int64_t cnt, const uint32_t* rr) {
     const uint32_t* __restrict__ xr = x + i;
     T* __restrict__ yr = y + i;
-    const uint32_t* __restrict__ rr = rnd + skip;
 #pragma omp simd
     for (int64_t j = 0; j < cnt; ++j) {
       yr[j] = encode<ENC>(round_bits<kStochastic, UNIFORM, uint32_t>(xr[j], s, rr[j]), s);
     }
-    i += cnt;
-  }
+  });
 }
 
 template <bool UNIFORM, int ENC>
@@ -139,16 +147,9 @@ void absorbed_range(const float* w, const float* dl, bool* y, int64_t b, int64_t
 }
 
 void random_bits_range(uint32_t* y, int64_t b, int64_t e, uint64_t seed, uint64_t offset) {
-  alignas(64) uint32_t rnd[64];
-  int64_t i = b;
-  while (i < e) {
-    const uint64_t p = offset + static_cast<uint64_t>(i);
-    const int64_t skip = static_cast<int64_t>(p & 63u);
-    random_block64_simd(seed, p >> 6, rnd);
-    const int64_t cnt = (64 - skip) < (e - i) ? (64 - skip) : (e - i);
-    for (int64_t j = 0; j < cnt; ++j) y[i + j] = rnd[skip + j];
-    i += cnt;
-  }
+  for_each_random_run(b, e, seed, offset, [&](int64_t i, int64_t cnt, const uint32_t* rr) {
+    for (int64_t j = 0; j < cnt; ++j) y[i + j] = rr[j];
+  });
 }
 
 }  // namespace

@@ -48,39 +48,6 @@ inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restric
   counts7[6] += c6;
 }
 
-// stats_run for u = delta exactly (alpha = 1, no decay): everything stays in 32-bit
-// lanes, twice as many per vector as with fp64 u.
-inline void stats_run32(const uint32_t* __restrict__ po, const uint32_t* __restrict__ pn,
-                        const uint32_t* __restrict__ db, int64_t cnt, const Spec& spec,
-                        uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
-                        double* __restrict__ mass) {
-  const int emin = spec.emin, m = spec.m, msub = spec.msub;
-  uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
-#pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5)
-  for (int64_t j = 0; j < cnt; ++j) {
-    const uint32_t d = db[j];
-    const uint32_t same = (po[j] == pn[j] ? 1u : 0u) | (((po[j] | pn[j]) & 0x7FFFFFFFu) == 0 ? 1u : 0u);
-    const uint32_t old_nan = (po[j] & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
-    const uint32_t changed = (same ^ 1u) | old_nan;
-    const uint32_t zero = (d & 0x7FFFFFFFu) == 0 ? 1u : 0u;
-    const uint32_t absorbed = (zero ^ 1u) & (changed ^ 1u);
-    c0 += changed;
-    c1 += absorbed;
-    c2 += zero;
-    c3 += nonfinite32(d);
-    c4 += nonfinite32(po[j]);
-    c5 += nonfinite32(pn[j]);
-    bins[j] = static_cast<int8_t>(element_bin32(po[j], d, emin, m, msub));
-    mass[j] = absorbed ? static_cast<double>(bits_f32(d & 0x7FFFFFFFu)) : 0.0;
-  }
-  counts7[0] += c0;
-  counts7[1] += c1;
-  counts7[2] += c2;
-  counts7[3] += c3;
-  counts7[4] += c4;
-  counts7[5] += c5;
-}
-
 // One run of elements [i0, i1) (at most kUpdateBlock) with their random words r0/r1.
 // The update loop keeps the stored value before/after and u for the statistics.
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
@@ -151,10 +118,8 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       store_code<ENC>(param, i0 + j, pn, sp);
       pob[j] = po;
       pnb[j] = pn;
-      if (!SIMPLE) {
-        ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(m) & xkeep);
-        dfb[j] = 0;
-      }
+      ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(m) & xkeep);
+      dfb[j] = 0;
     }
   } else {
     for (int64_t j = 0; j < cnt; ++j) {
@@ -181,10 +146,7 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       dfb[j] = differs;
     }
   }
-  if (stats && SIMPLE) {
-    stats_run32(pob, pnb, reinterpret_cast<const uint32_t*>(dl), cnt, sp, counts7, bins + (i0 - blk0),
-                mass + (i0 - blk0));
-  } else if (stats) {
+  if (stats) {
     const int64_t k = i0 - blk0;
     stats_run(pob, pnb, ub, reinterpret_cast<const uint32_t*>(dl), dfb, cnt, sp, counts7,
               bins + k, mass + k);
