@@ -92,11 +92,11 @@ class PrecisionPolicy:
         return " ".join(parts)
 
 
-def _sqrt(x: torch.Tensor, torch_math: bool) -> torch.Tensor:
+def _sqrt(x: torch.Tensor, torch_math: bool, out: torch.Tensor) -> torch.Tensor:
     if torch_math:
-        return x.sqrt()
+        return torch.sqrt(x, out=out)
     # correctly rounded: sqrt in fp64 then one rounding to fp32 (53 >= 2 * 24 + 2)
-    return x.double().sqrt_().float()
+    return out.copy_(x.double().sqrt_())
 
 
 class _Emulated(torch.optim.Optimizer):
@@ -121,6 +121,11 @@ class _Emulated(torch.optim.Optimizer):
                 offset += p.numel()
                 self._init_storage(p)
         self.last_stats: dict[str, UpdateStats] = {}
+        # Two flat fp32 scratch buffers per device, sized to the largest parameter and
+        # reused by every step: allocating fresh temporaries of a large tensor costs more
+        # than the arithmetic (the CPU allocator returns big blocks to the OS, so each step
+        # page-faults them in again).
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self._log = open(log, "a", encoding="utf-8") if log is not None else None
         self._steps = 0
 
@@ -164,6 +169,16 @@ class _Emulated(torch.optim.Optimizer):
             master=st.get("master"), compensation=st.get("compensation"), alpha=alpha,
             decay=decay, sum=pol.sum, seed=pol.seed if pol.mode == "stochastic" else None,
             offset=self._offsets[id(p)], step=step)
+
+    def _scratch_pair(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two fp32 temporaries shaped like ``p`` (views of the reused scratch buffers)."""
+        key = (p.device.type, p.device.index)
+        n = p.numel()
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < 2 * n:
+            buf = torch.empty(2 * n, dtype=torch.float32, device=p.device)
+            self._scratch[key] = buf
+        return buf[:n].view(p.shape), buf[n:2 * n].view(p.shape)
 
     def _record(self, p: torch.Tensor, stats: UpdateStats, step: int) -> None:
         name = self._names[id(p)]
@@ -300,8 +315,9 @@ class EmulatedAdam(_Emulated):
                 bias_correction2 = 1 - beta2 ** step
                 step_size = lr / bias_correction1
                 bias_correction2_sqrt = bias_correction2 ** 0.5
-                denom = (_sqrt(exp_avg_sq, torch_math) / bias_correction2_sqrt).add_(eps)
-                delta = torch.mul(exp_avg, -step_size).div_(denom)  # addcdiv's (v * t1) / t2
+                denom, delta = self._scratch_pair(p)
+                _sqrt(exp_avg_sq, torch_math, out=denom).div_(bias_correction2_sqrt).add_(eps)
+                torch.mul(exp_avg, -step_size, out=delta).div_(denom)  # addcdiv's (v * t1) / t2
                 stats = self._write(p, delta, alpha=1.0, decay=decay, step=step - 1)
                 self._record(p, stats, step - 1)
         self._finish_step()

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 
+
 #include "cpu/kernels.h"
 #include "cpu/philox_simd.h"
 #include "gatesim/update.h"
@@ -71,9 +72,12 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   alignas(64) double ub[kUpdateBlock];
   if (PATH == kMaster && SIMPLE && STATS > 0) {
     // The replay step: update and 32-bit statistics fused in one vector loop.
-    const int emin = sp.emin, mb = sp.m, msub = sp.msub;
+    const int mb = sp.m;
     uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
-    int8_t* __restrict__ bn = bins + (i0 - blk0);
+    // Bins go out as 32-bit values and are packed to bytes after the loop: an int8 store
+    // in the loop makes the vectorizer take 64 elements per iteration (four vectors of
+    // every 32-bit value), and the loop then spills registers to the stack.
+    alignas(64) int32_t bn[kUpdateBlock];
     float* __restrict__ ma = reinterpret_cast<float*>(mass) + (i0 - blk0);
 #pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5)
     for (int64_t j = 0; j < cnt; ++j) {
@@ -95,9 +99,12 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       c3 += nonfinite32(db);
       c4 += nonfinite32(po);
       c5 += nonfinite32(pn);
-      bn[j] = static_cast<int8_t>(element_bin32(po, db, emin, mb, msub));
+      bn[j] = element_bin32_uniform(po, db, mb);  // the fast paths are uniform
       ma[j] = absorbed ? bits_f32(db & 0x7FFFFFFFu) : 0.0f;
     }
+    int8_t* __restrict__ b8 = bins + (i0 - blk0);
+#pragma omp simd
+    for (int64_t j = 0; j < cnt; ++j) b8[j] = static_cast<int8_t>(bn[j]);
     counts7[0] += c0;
     counts7[1] += c1;
     counts7[2] += c2;
@@ -106,7 +113,34 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     counts7[5] += c5;
     return;
   }
-  if (PATH == kMaster) {
+  if (PATH == kStorage && MODE >= 0 && STATS >= 0) {
+    // Storage-only fast path (mode known at compile time): both sum modes are computed
+    // branch-free, so the loop vectorizes; sum_differs comes for free. FP32NE: the
+    // format is fp32 itself with nearest-even (hardware rounding of the exact sum); the
+    // dispatcher says so through SIMPLE, which on this path means "the format is FP32".
+    constexpr bool FP32NE = SIMPLE && ENC == kEncF32 && MODE == kNearestEven;
+    const uint32_t exact = a.sum_mode == kSumExact ? 1u : 0u;
+#pragma omp simd
+    for (int64_t j = 0; j < cnt; ++j) {
+      const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+      const float p = bits_f32(po);
+      const float d = dl[j];
+      uint32_t pe, pf;
+      if (FP32NE) {
+        pe = storage_exact_fp32_ne(p, d, decay, alpha);
+        pf = storage_fp32_fp32_ne(p, d, decay, alpha);
+      } else {
+        pe = storage_step<MODE, UNIFORM>(p, d, a, kSumExact, r0[j], r1[j]);
+        pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, r0[j], r1[j]);
+      }
+      const uint32_t pn = blend(pf, pe, exact);
+      store_code<ENC>(param, i0 + j, pn, sp);
+      pob[j] = po;
+      pnb[j] = pn;
+      ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(p) & xkeep);
+      dfb[j] = pe != pf ? 1u : 0u;
+    }
+  } else if (PATH == kMaster) {
 #pragma omp simd
     for (int64_t j = 0; j < cnt; ++j) {
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
@@ -189,7 +223,7 @@ void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t
     // absorbed mass: a fixed pairwise tree over the block (see tree_sum in update.h); the
     // fused replay loop stores float masses (exact: |delta|) in the same buffer.
     alignas(64) double tree[kUpdateBlock];
-    if (SIMPLE) {
+    if (SIMPLE && PATH == kMaster) {  // float masses from the fused replay loop
       const float* fm = reinterpret_cast<const float*>(mass);
       for (int64_t k = 0; k < len; ++k) tree[k] = static_cast<double>(fm[k]);
     } else {
@@ -239,6 +273,24 @@ void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int 
   if (path == kMaster && a.sp.uniform && (enc == kEncHi16 || enc == kEncF32) &&
       (a.mode == kNearestEven || a.mode == kStochastic)) {
     return master_fast(t, a, enc, stats, b0, b1, n, counts, bm);
+  }
+  // Storage-only in a uniform format (fp32, bf16), nearest-even: the optimizers' fp32 and
+  // bf16 policies without master weights.
+  if (path == kStorage && a.sp.uniform && a.mode == kNearestEven) {
+    const Spec& sp = a.sp;
+    const bool fp32 = sp.m == 23 && sp.has_inf && !sp.nan_all_ones && !sp.saturate;
+    if (enc == kEncF32 && fp32) {
+      if (stats) return update_blocks<kNearestEven, true, kStorage, kEncF32, 1, true>(t, a, true, b0, b1, n, counts, bm);
+      return update_blocks<kNearestEven, true, kStorage, kEncF32, 0, true>(t, a, false, b0, b1, n, counts, bm);
+    }
+    if (enc == kEncF32) {
+      if (stats) return update_blocks<kNearestEven, true, kStorage, kEncF32, 1>(t, a, true, b0, b1, n, counts, bm);
+      return update_blocks<kNearestEven, true, kStorage, kEncF32, 0>(t, a, false, b0, b1, n, counts, bm);
+    }
+    if (enc == kEncHi16) {
+      if (stats) return update_blocks<kNearestEven, true, kStorage, kEncHi16, 1>(t, a, true, b0, b1, n, counts, bm);
+      return update_blocks<kNearestEven, true, kStorage, kEncHi16, 0>(t, a, false, b0, b1, n, counts, bm);
+    }
   }
 #define GS_UPDATE_ENC(P)                                                         \
   switch (enc) {                                                                 \

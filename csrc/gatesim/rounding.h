@@ -374,14 +374,15 @@ GS_HD uint64_t add_to_odd(double a, double b) {
   // TwoSum (Knuth): s + err == a + b exactly. No multiplications, so no contraction.
   const double bb = s - a;
   const double err = (a - (s - bb)) + (b - bb);
-  uint64_t bits = f64_bits(s);
-  const bool finite = (bits & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-  if (finite && err != 0.0 && (bits & 1u) == 0) {
-    // Step one ulp toward the exact sum: magnitude grows iff err has s's sign.
-    const bool grow = (err > 0.0) == (s > 0.0);
-    bits = grow ? bits + 1 : bits - 1;
-  }
-  return s == s ? bits : 0x7FF8000000000000ull;
+  const uint64_t bits = f64_bits(s);
+  // Round to odd, branch-free so element loops vectorize: when inexact, truncate toward
+  // zero (s was rounded away from zero iff err's sign differs from s's; the magnitude
+  // then steps down by one) and set the last bit.
+  const uint64_t finite = (bits & 0x7FF0000000000000ull) != 0x7FF0000000000000ull ? 1u : 0u;
+  const uint64_t inexact = finite & (err != 0.0 ? 1u : 0u);
+  const uint64_t away = inexact & ((f64_bits(err) ^ bits) >> 63);
+  const uint64_t odd = (bits - away) | inexact;
+  return s == s ? odd : 0x7FF8000000000000ull;
 }
 
 // The exact w + delta of two floats, rounded to odd into fp64.

@@ -177,6 +177,19 @@ GS_HD uint32_t storage_step(float p, float d, const UpdateArgs& a, int sum_mode,
   return round_m<MODE, UNIFORM, uint32_t>(f32_bits(fma32(a.alpha, d, p1)), a.sp, a.mode, r1);
 }
 
+// storage_step for fp32 storage (Spec of FP32 itself), nearest-even, both sum modes: the
+// exact sum rounded to odd into fp64 then converted by the hardware (correct
+// nearest-even rounding into fp32, subnormals and overflow included, since fp64 keeps
+// 53 >= 24 + 2 bits); branch-free, so the optimizers' fp32 policy vectorizes.
+GS_HD uint32_t storage_exact_fp32_ne(float p, float d, float decay, float alpha) {
+  const uint64_t s = add_to_odd(canon64(static_cast<double>(p) * decay),
+                                canon64(static_cast<double>(alpha) * d));
+  return f32_bits(canon32(static_cast<float>(bits_f64(s))));
+}
+GS_HD uint32_t storage_fp32_fp32_ne(float p, float d, float decay, float alpha) {
+  return f32_bits(fma32(alpha, d, mul32(p, decay)));
+}
+
 template <int MODE, bool UNIFORM>
 GS_HD void kahan_step(float p, float c, float d, const UpdateArgs& a, uint32_t r0, uint32_t r1,
                       uint32_t& p_out, uint32_t& c_out) {
@@ -251,6 +264,24 @@ GS_HD int element_bin32(uint32_t p_old, uint32_t u_bits, int emin, int m, int ms
   const int ue = E == 0 ? es : E - 127;
   const int none = (a == 0 ? 1 : 0) | (E == 0xFF ? 1 : 0) | static_cast<int>(nonfinite32(p_old));
   int k = ue - ulp_exp_of(p_old, emin, m, msub) - kHistLo + 1;
+  k = k < 0 ? 0 : (k > kHistBins - 1 ? kHistBins - 1 : k);
+  return none ? -1 : k;
+}
+
+// element_bin32 for uniform formats (fp32's exponent range with subnormals: emin = -126,
+// msub = m). There ulp(p) = 2^(max(Ep, 1) - 127 - m) for every finite p, zero and
+// subnormals included, so the bin needs only the two biased exponents: fewer vector
+// operations in the replay loop, which is compute-bound once statistics are on.
+GS_HD int element_bin32_uniform(uint32_t p_old, uint32_t u_bits, int m) {
+  const uint32_t a = u_bits & 0x7FFFFFFFu;
+  const int E = static_cast<int>(a >> 23);
+  const int Ep = static_cast<int>((p_old >> 23) & 0xFFu);
+  // A subnormal update: its exact biased exponent (may be <= 0), via the exact int->float
+  // conversion (see subnormal_exp).
+  const int es = static_cast<int>(f32_bits(static_cast<float>(static_cast<int32_t>(a | 1u))) >> 23) - 149;
+  const int Eu = E == 0 ? es : E;
+  const int none = (a == 0 ? 1 : 0) | (E == 0xFF ? 1 : 0) | (Ep == 0xFF ? 1 : 0);
+  int k = Eu - (Ep > 1 ? Ep : 1) + m - kHistLo + 1;
   k = k < 0 ? 0 : (k > kHistBins - 1 ? kHistBins - 1 : k);
   return none ? -1 : k;
 }
