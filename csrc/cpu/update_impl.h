@@ -119,6 +119,10 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // format is fp32 itself with nearest-even (hardware rounding of the exact sum); the
     // dispatcher says so through SIMPLE, which on this path means "the format is FP32".
     constexpr bool FP32NE = SIMPLE && ENC == kEncF32 && MODE == kNearestEven;
+    // Otherwise (a format of at most 21 mantissa bits, nearest-even: bf16, fp16, fp8) the
+    // exact sum is rounded to odd into fp32 first (24 >= m + 2 bits at every magnitude,
+    // since every format lies inside fp32's range), then to the format.
+    constexpr bool NARROW_NE = !SIMPLE && MODE == kNearestEven;
     const uint32_t exact = a.sum_mode == kSumExact ? 1u : 0u;
 #pragma omp simd
     for (int64_t j = 0; j < cnt; ++j) {
@@ -129,6 +133,9 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       if (FP32NE) {
         pe = storage_exact_fp32_ne(p, d, decay, alpha);
         pf = storage_fp32_fp32_ne(p, d, decay, alpha);
+      } else if (NARROW_NE) {
+        pe = round_m<MODE, UNIFORM, uint32_t>(exact_sum_odd32(p, d, decay, alpha), sp, a.mode, 0u);
+        pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, 0u, 0u);
       } else {
         pe = storage_step<MODE, UNIFORM>(p, d, a, kSumExact, r0[j], r1[j]);
         pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, r0[j], r1[j]);
@@ -276,9 +283,9 @@ void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int 
   }
   // Storage-only in a uniform format (fp32, bf16), nearest-even: the optimizers' fp32 and
   // bf16 policies without master weights.
-  if (path == kStorage && a.sp.uniform && a.mode == kNearestEven) {
-    const Spec& sp = a.sp;
-    const bool fp32 = sp.m == 23 && sp.has_inf && !sp.nan_all_ones && !sp.saturate;
+  const bool fp32 = a.sp.uniform && a.sp.m == 23 && a.sp.has_inf && !a.sp.nan_all_ones &&
+                    !a.sp.saturate;
+  if (path == kStorage && a.sp.uniform && a.mode == kNearestEven && (a.sp.m <= 21 || fp32)) {
     if (enc == kEncF32 && fp32) {
       if (stats) return update_blocks<kNearestEven, true, kStorage, kEncF32, 1, true>(t, a, true, b0, b1, n, counts, bm);
       return update_blocks<kNearestEven, true, kStorage, kEncF32, 0, true>(t, a, false, b0, b1, n, counts, bm);
@@ -290,6 +297,22 @@ void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int 
     if (enc == kEncHi16) {
       if (stats) return update_blocks<kNearestEven, true, kStorage, kEncHi16, 1>(t, a, true, b0, b1, n, counts, bm);
       return update_blocks<kNearestEven, true, kStorage, kEncHi16, 0>(t, a, false, b0, b1, n, counts, bm);
+    }
+  }
+  // Storage-only, nearest-even, other formats (fp16, fp8, custom) of at most 21 bits.
+  if (path == kStorage && !a.sp.uniform && a.mode == kNearestEven && a.sp.m <= 21) {
+    switch (enc) {
+      case kEncF32:
+        if (stats) return update_blocks<kNearestEven, false, kStorage, kEncF32, 1>(t, a, true, b0, b1, n, counts, bm);
+        return update_blocks<kNearestEven, false, kStorage, kEncF32, 0>(t, a, false, b0, b1, n, counts, bm);
+      case kEnc16:
+        if (stats) return update_blocks<kNearestEven, false, kStorage, kEnc16, 1>(t, a, true, b0, b1, n, counts, bm);
+        return update_blocks<kNearestEven, false, kStorage, kEnc16, 0>(t, a, false, b0, b1, n, counts, bm);
+      case kEnc8:
+        if (stats) return update_blocks<kNearestEven, false, kStorage, kEnc8, 1>(t, a, true, b0, b1, n, counts, bm);
+        return update_blocks<kNearestEven, false, kStorage, kEnc8, 0>(t, a, false, b0, b1, n, counts, bm);
+      default:
+        break;
     }
   }
 #define GS_UPDATE_ENC(P)                                                         \

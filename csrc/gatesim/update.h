@@ -186,6 +186,20 @@ GS_HD uint32_t storage_exact_fp32_ne(float p, float d, float decay, float alpha)
                                 canon64(static_cast<double>(alpha) * d));
   return f32_bits(canon32(static_cast<float>(bits_f64(s))));
 }
+// The exact p * decay + alpha * d rounded to odd into fp32 (for rounding on to a uniform
+// format with at most 21 mantissa bits: 24 >= m + 2 bits keep that second rounding
+// correct). Round-to-odd in fp64 first, then the hardware conversion, stepped back toward
+// zero when it rounded away, with the last bit set when inexact. Branch-free.
+GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
+  const double x = bits_f64(add_to_odd(canon64(static_cast<double>(p) * decay),
+                                       canon64(static_cast<double>(alpha) * d)));
+  const float f = static_cast<float>(x);
+  const double back = static_cast<double>(f);
+  const uint32_t inexact = (back != x ? 1u : 0u) & (x == x ? 1u : 0u);
+  const uint32_t away = inexact & ((back < 0.0 ? -back : back) > (x < 0.0 ? -x : x) ? 1u : 0u);
+  return (f32_bits(f) - away) | inexact;
+}
+
 GS_HD uint32_t storage_fp32_fp32_ne(float p, float d, float decay, float alpha) {
   return f32_bits(fma32(alpha, d, mul32(p, decay)));
 }
