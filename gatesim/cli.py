@@ -1,9 +1,17 @@
-"""Command line: ``gatesim demo`` (and, as later issues land, ablate/replay/diff)."""
+"""Command line.
+
+  gatesim demo                       the bundled default gate factorial (about 5 min, 2 cores)
+  gatesim ablate CONFIG [--out DIR]  a sweep from a JSON/TOML config (resumes)
+  gatesim run [--config CELL.json] --record DIR   one cell, recording its update stream
+  gatesim replay STREAM --policy P [--policy P2 ...]   a recorded stream through policies
+  gatesim absorbed                   what a random update loses per format and mode
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -36,7 +44,7 @@ def absorbed_table(seed: int = 0) -> list[dict]:
     return rows
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_absorbed(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"gatesim {gatesim.__version__} demo on {bundled_model_path()} "
           f"(CPU kernels: {gatesim.cpu_isa()})")
@@ -54,14 +62,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_claims(doc: dict) -> None:
+    print("Claims (statistic vs baseline -> verdict):")
+    for c in doc["claims"]:
+        st = "-" if c["statistic"] is None else f"{c['statistic']:.4g}"
+        bs = "-" if c["baseline"] is None else f"{c['baseline']:.4g}"
+        print(f"  {c['name']}: {st} vs {bs} -> {c['verdict'].upper()}  ({c['detail']})")
+
+
+def _run_sweep(sweep, args) -> int:
+    from gatesim.sim.report import gate_table
+    from gatesim.sim.sweep import ablate
+    t0 = time.perf_counter()
+    doc = ablate(sweep, args.out, workers=args.workers, progress=not args.quiet)
+    print(gate_table(doc).split("## Claims")[0])
+    _print_claims(doc)
+    print(f"\nResults: {Path(args.out) / sweep.name} (results.json, table.md, figures/); "
+          f"{time.perf_counter() - t0:.0f} s.")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gatesim.sim.config import demo_sweep
+    print(f"gatesim {gatesim.__version__}: gate factorial on {bundled_model_path()} "
+          f"(CPU kernels: {gatesim.cpu_isa()}, {args.workers} workers)")
+    return _run_sweep(demo_sweep(), args)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from gatesim.sim.config import load_sweep
+    return _run_sweep(load_sweep(args.config), args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+    from gatesim.sim.config import CellConfig
+    from gatesim.sim.run import run_cell
+    cfg = CellConfig()
+    if args.config:
+        cfg = CellConfig.from_dict(json.loads(Path(args.config).read_text(encoding="utf-8")))
+    torch.set_num_threads(1)
+    res = run_cell(cfg, record=args.record)
+    _print_policies(res["policies"])
+    print(f"stream recorded in {args.record}" if args.record else "")
+    return 0
+
+
+def _print_policies(pols: dict) -> None:
+    print(f"| {'policy':15s} | sparsity | absorbed | NSS      | max angle |")
+    print(f"|{'-' * 17}|----------|----------|----------|-----------|")
+    for name, p in pols.items():
+        print(f"| {name:15s} | {p['bitwise_sparsity']:8.4f} | {p['absorbed_fraction']:8.4f} | "
+              f"{p['nss']:8.2e} | {p['angle_left_max_deg']:9.4f} |")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gatesim.metrics import principal_mask, low_magnitude_mask
+    from gatesim.sim.config import CellConfig
+    from gatesim.sim.run import policy_metrics
+    from gatesim.sim.stream import Stream, replay
+    s = Stream(args.stream)
+    if not s.complete:
+        print(f"note: {args.stream} is incomplete ({s.steps} steps flushed)", file=sys.stderr)
+    cfg = CellConfig.from_dict(s.manifest["config"])
+    w0 = s.initial()
+    principal = principal_mask(w0, cfg.k, cfg.alpha)
+    low = low_magnitude_mask(w0, cfg.alpha)
+    out = {}
+    for pol in args.policy:
+        shadow = replay(s, pol, seed=args.seed)
+        out[pol], _ = policy_metrics(shadow, w0, cfg, principal, low)
+    print(f"Replayed {s.steps} steps of {args.stream} (recorded under {s.manifest['policy']})")
+    _print_policies(out)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="gatesim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gatesim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="run the bundled default on the MiniLM weights")
-    demo.add_argument("--seed", type=int, default=0)
+
+    def sweep_opts(p):
+        p.add_argument("--out", default="results", help="output root (default: results)")
+        p.add_argument("--workers", type=int, default=2,
+                       help="worker processes (1: serial, 0: one per core; default 2)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="run the bundled default gate factorial")
+    sweep_opts(demo)
     demo.set_defaults(func=cmd_demo)
+    ab = sub.add_parser("ablate", help="run a sweep config (JSON or TOML); resumes")
+    ab.add_argument("config")
+    sweep_opts(ab)
+    ab.set_defaults(func=cmd_ablate)
+    run = sub.add_parser("run", help="run one cell and optionally record its update stream")
+    run.add_argument("--config", help="a JSON file of CellConfig fields (default: defaults)")
+    run.add_argument("--record", help="directory for the update stream")
+    run.set_defaults(func=cmd_run)
+    rp = sub.add_parser("replay", help="replay a recorded update stream through policies")
+    rp.add_argument("stream")
+    rp.add_argument("--policy", action="append", required=True,
+                    help="precision policy, e.g. bf16, bf16_sr, fp16+master (repeatable)")
+    rp.add_argument("--seed", type=int, default=None,
+                    help="stochastic-rounding seed (default: the run's)")
+    rp.set_defaults(func=cmd_replay)
+    absd = sub.add_parser("absorbed", help="what a random update loses, per format and mode")
+    absd.add_argument("--seed", type=int, default=0)
+    absd.set_defaults(func=cmd_absorbed)
+    for hook in _EXTRA_COMMANDS:
+        hook(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as exc:
+        print(f"gatesim {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+#: Functions ``f(subparsers)`` that add more subcommands (e.g. ``diff``).
+_EXTRA_COMMANDS: list = []
 
 
 if __name__ == "__main__":

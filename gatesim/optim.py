@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -126,6 +126,12 @@ class _Emulated(torch.optim.Optimizer):
         # than the arithmetic (the CPU allocator returns big blocks to the OS, so each step
         # page-faults them in again).
         self._scratch: dict[tuple, torch.Tensor] = {}
+        #: Optional ``hook(name, delta, alpha, decay, step)`` called with every update just
+        #: before it is applied (see :meth:`_write`). It may rescale ``delta`` in place (the
+        #: gate simulation's norm-matched control does) and may record it (update
+        #: streams). For SGD without momentum or weight decay ``delta`` is the gradient
+        #: tensor itself, so an in-place change there changes ``p.grad``.
+        self.update_hook: Optional[Callable[[str, torch.Tensor, float, float, int], None]] = None
         self._log = open(log, "a", encoding="utf-8") if log is not None else None
         self._steps = 0
 
@@ -164,6 +170,8 @@ class _Emulated(torch.optim.Optimizer):
                step: int) -> UpdateStats:
         pol = self.policy
         st = self.state[p]
+        if self.update_hook is not None:
+            self.update_hook(self._names[id(p)], delta, alpha, decay, step)
         return apply_update(
             p.data, delta.contiguous(), fmt=self._format(p), mode=pol.mode,
             master=st.get("master"), compensation=st.get("compensation"), alpha=alpha,

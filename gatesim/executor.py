@@ -1,0 +1,201 @@
+"""Run pure per-item work (gate-simulation cells, checkpoint-diff tensors) and keep results.
+
+Two small pieces shared by :mod:`gatesim.sim` and :mod:`gatesim.diff`:
+
+* An **executor** maps a module-level function over ``(key, payload)`` tasks and yields
+  ``(key, result)`` as each finishes. :class:`SerialExecutor` runs in this process;
+  :class:`ProcessExecutor` (the default with ``workers > 1``) uses a local process pool.
+  Anything with the same ``map`` method (a Ray or Dask wrapper, say) can be passed
+  instead: the work is a pure function of its payload, so where it runs does not matter.
+* A :class:`ResultStore` appends each finished result to a JSON-lines file at once
+  (flushed and fsynced), and on a rerun reports which keys are done so they are skipped.
+  A killed run loses at most the items in flight; a torn last line is ignored.
+
+Determinism: every task runs with ``torch.set_num_threads(threads)`` (default 1), so a
+result has the same bits whatever the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Tuple, Union
+
+__all__ = ["Executor", "SerialExecutor", "ProcessExecutor", "make_executor", "ResultStore"]
+
+Task = Tuple[str, Any]
+
+
+class Executor(Protocol):
+    """What :mod:`gatesim.sim` and :mod:`gatesim.diff` need from an execution engine."""
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Task]) -> Iterator[Tuple[str, Any]]:
+        """Yields ``(key, fn(payload))`` for every task, in any order."""
+        ...
+
+
+def _run_task(fn: Callable[[Any], Any], payload: Any, threads: int) -> Any:
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(payload)
+    finally:
+        torch.set_num_threads(old)
+
+
+class SerialExecutor:
+    """Runs the tasks one after the other in this process."""
+
+    def __init__(self, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+
+    def map(self, fn, tasks):
+        for key, payload in tasks:
+            yield key, _run_task(fn, payload, self.threads)
+
+
+class ProcessExecutor:
+    """A local process pool (``spawn`` start method: safe with torch's thread pools).
+
+    At most ``2 * workers`` tasks are submitted at a time, so a long sweep does not queue
+    (and pickle) everything up front. An exception in a task is raised here, after the
+    results that finished before it were yielded (and so stored).
+    """
+
+    def __init__(self, workers: int, threads: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.workers = workers
+        self.threads = threads
+
+    def map(self, fn, tasks):
+        tasks = list(tasks)
+        if not tasks:
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
+            pending = {}
+            it = iter(tasks)
+            error = None
+
+            def submit_next() -> bool:
+                try:
+                    key, payload = next(it)
+                except StopIteration:
+                    return False
+                pending[pool.submit(_run_task, fn, payload, self.threads)] = key
+                return True
+
+            for _ in range(2 * self.workers):
+                if not submit_next():
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    key = pending.pop(fut)
+                    exc = fut.exception()
+                    if exc is not None:
+                        error = error or exc
+                        continue
+                    yield key, fut.result()
+                    if error is None:
+                        submit_next()
+            if error is not None:
+                raise error
+
+
+def make_executor(workers: Optional[int] = None, threads: int = 1) -> Executor:
+    """``workers`` None or 1: serial; more: a local process pool."""
+    if workers is None or workers == 1:
+        return SerialExecutor(threads)
+    if workers == 0:
+        workers = max(1, (os.cpu_count() or 1) // threads)
+    return ProcessExecutor(workers, threads)
+
+
+class ResultStore:
+    """Append-only JSON-lines store of finished results: one ``{"key": ..., "result": ...}``
+    per line, written and fsynced as soon as the result exists.
+
+    Loading skips a torn last line (a run killed mid-write) and keeps the last record of a
+    key written twice. Results must be JSON-serializable.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._results: dict[str, Any] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        with open(self.path, "r", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        torn = False
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if i >= len(lines) - 2:  # the torn last line of a killed run
+                    torn = True
+                    continue
+                raise ValueError(f"{self.path}: line {i + 1} is not JSON; the result store "
+                                 "is damaged (delete it to start over)") from None
+            if not isinstance(rec, dict) or "key" not in rec or "result" not in rec:
+                raise ValueError(f"{self.path}: line {i + 1} is not a result record")
+            self._results[str(rec["key"])] = rec["result"]
+        if not torn:
+            return
+        # a torn tail would glue onto the next record: cut the file back to whole lines
+        text = "".join(json.dumps({"key": k, "result": v}) + "\n"
+                       for k, v in self._results.items())
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._results
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._results.get(key, default)
+
+    def items(self) -> Iterable[Tuple[str, Any]]:
+        return self._results.items()
+
+    def discard(self, key: str) -> None:
+        """Forgets a stored result (it is run again; the new record supersedes the old)."""
+        self._results.pop(key, None)
+
+    def add(self, key: str, result: Any) -> None:
+        line = json.dumps({"key": key, "result": result}, allow_nan=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._results[key] = result
+
+    def run(self, executor: Executor, fn: Callable[[Any], Any], tasks: Sequence[Task],
+            progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+        """Runs the tasks whose keys are not stored yet, storing each result as it comes.
+        Returns every stored result of the given tasks, keyed."""
+        keys = [k for k, _ in tasks]
+        if len(set(keys)) != len(keys):
+            raise ValueError("task keys must be unique")
+        todo = [(k, p) for k, p in tasks if k not in self._results]
+        for key, result in executor.map(fn, todo):
+            self.add(key, result)
+            if progress is not None:
+                progress(key)
+        return {k: self._results[k] for k in keys}

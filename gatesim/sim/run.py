@@ -1,0 +1,213 @@
+"""One gate-simulation cell: train with a KL-anchored policy gradient (or SFT), replay the
+update stream through every Gate III policy in lockstep, measure.
+
+:func:`run_cell` is a pure function of its :class:`CellConfig` (same config, same bits:
+every random draw comes from generators seeded by the config, and the sweep runs each cell
+with a fixed torch thread count).
+
+Per step (``inner_steps`` optimizer steps per batch):
+
+* ``grpo``/``reinforce``: ``batch`` contexts, ``group`` outputs sampled from the current
+  policy per context, reward r = 1 on a target; advantage ``(r - mean) / (std + 1e-6)``
+  (grpo; std over the group, population) or ``r - mean`` (reinforce), 0 for a group whose
+  rewards are all equal; loss ``-mean(min(rho A, clip(rho, 1-eps, 1+eps) A))`` with
+  ``rho = pi / pi_old`` (no clip: ``-mean(rho A)``), plus ``beta * KL(pi || pi_ref)``
+  (exact, over all outputs, mean over the batch's contexts; with ``beta = 0`` the term is
+  not built at all).
+* ``sft``: cross-entropy on one target output per context (drawn per step).
+* The emulated AdamW (:mod:`gatesim.optim`) under ``train_policy`` applies the step; its
+  update hook rescales the update to norm ``step_norm`` (``norm_matched``), records it
+  (update streams) and applies it to every policy's shadow weights.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from gatesim import metrics as gm
+from gatesim.optim import EmulatedAdamW
+from gatesim.sim.config import CellConfig
+from gatesim.sim.policies import ShadowWeights, parse_policy
+from gatesim.sim.stream import StreamWriter
+from gatesim.sim.task import Task
+
+__all__ = ["run_cell", "policy_metrics"]
+
+
+def _advantages(r: torch.Tensor, algo: str) -> torch.Tensor:
+    centered = r - r.mean(dim=1, keepdim=True)
+    if algo == "reinforce":
+        return centered
+    return centered / (r.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+
+
+def _kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the exact KL(pi || pi_ref)."""
+    return (logp.exp() * (logp - ref_logp)).sum(dim=1).mean()
+
+
+def _loss(task: Task, cfg: CellConfig, W: torch.Tensor, idx: torch.Tensor, batch: dict,
+          ref_logp: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(task.logits(W, idx), dim=1)
+    if cfg.algo == "sft":
+        loss = -logp.gather(1, batch["y"].unsqueeze(1)).mean()
+    else:
+        lp = logp.gather(1, batch["y"])
+        ratio = torch.exp(lp - batch["logp_old"])
+        adv = batch["adv"]
+        obj = ratio * adv
+        if cfg.clip is not None:
+            obj = torch.minimum(obj, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+        loss = -obj.mean()
+    if cfg.beta > 0:
+        loss = loss + cfg.beta * _kl(logp, ref_logp[idx])
+    return loss
+
+
+def _angle(W0: torch.Tensor, W: torch.Tensor, k: int) -> float:
+    return gm.principal_angles(W0, W.detach().clone(), k).left_max
+
+
+def policy_metrics(shadow: ShadowWeights, W0: torch.Tensor, cfg: CellConfig,
+                   principal: torch.Tensor, low: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The measurements of one policy's stored weights after the run (see the schema in
+    :mod:`gatesim.sim.sweep`), and its update mask."""
+    w0s, w1s = shadow.stored_initial(), shadow.stored()
+    sp = gm.sparsity(w0s, w1s)
+    mask = gm.update_mask(w0s, w1s)
+    a32, b32 = w0s.to(torch.float32), w1s.to(torch.float32)
+    t = shadow.totals
+    nonzero = t["n"] - t["zero"]
+    out = {
+        "bitwise_sparsity": sp.bitwise,
+        "relative_sparsity": sp.relative,
+        "atol_sparsity": {str(k): v for k, v in sp.atol.items()},
+        "update_density": float(mask.double().mean()),
+        "absorbed_fraction": t["absorbed"] / nonzero if nonzero else 0.0,
+        "absorbed_updates": t["absorbed"],
+        "nonzero_updates": nonzero,
+        "absorbed_mass": shadow.absorbed_mass,
+        "hist": list(shadow.hist),
+    }
+    changed = bool(mask.any())
+    if changed:
+        pa = gm.principal_angles(a32, b32, cfg.k)
+        out["nss"] = gm.nss(a32, b32)
+        out["angle_left_max_deg"] = pa.left_max
+        out["angle_right_max_deg"] = pa.right_max
+        out["energy_topk"] = gm.update_energy(a32, b32, cfg.k).value
+    else:  # nothing stored changed: no rotation, no shift, no update energy
+        out.update(nss=0.0, angle_left_max_deg=0.0, angle_right_max_deg=0.0, energy_topk=0.0)
+    out["energy_baseline"] = gm.energy_baseline(cfg.k, *W0.shape)
+    s0 = gm.singular_values(a32)
+    s1 = gm.singular_values(b32)
+    out["sv_drift"] = (s1 - s0).tolist()
+    op = gm.overlap(mask, principal)
+    ol = gm.overlap(mask, low)
+    ox = gm.overlap_excluding(mask, principal, low)
+    out["principal_overlap"] = op.value
+    out["low_overlap"] = ol.value
+    out["principal_overlap_excl_low"] = ox.value
+    out["overlap_baseline"] = op.baseline
+    out["overlap_excl_low_baseline"] = ox.baseline
+    return out, mask
+
+
+def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
+             mask_path: Optional[Union[str, Path]] = None) -> dict:
+    """Runs one cell; returns its JSON-serializable result. ``record``: directory for the
+    update stream; ``mask_path``: ``.npz`` file for each policy's update mask (packed
+    bits; the sweep's cross-seed Jaccard reads them)."""
+    task = Task(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+    W = torch.nn.Parameter(task.W0.clone())
+    train = parse_policy(cfg.train_policy)
+    opt = EmulatedAdamW([("W", W)], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        policy=train.precision_policy(seed=cfg.seed))
+    shadows = [ShadowWeights(parse_policy(n), task.W0, seed=cfg.seed) for n in cfg.policies]
+    writer = (StreamWriter(record, task.W0, config=cfg.to_dict(), policy=cfg.train_policy,
+                           seed=cfg.seed) if record is not None else None)
+    acc = torch.zeros(task.W0.shape, dtype=torch.float64)  # the exact accumulated stream
+    step_norms = []
+
+    def hook(name, delta, alpha, decay, step):
+        if cfg.norm_matched:
+            nrm = float(delta.norm())
+            if nrm > 0 and math.isfinite(nrm):
+                delta.mul_(cfg.step_norm / nrm)
+        step_norms.append(float(delta.norm()) * abs(alpha))
+        acc.add_(delta.double(), alpha=alpha)
+        if writer is not None:
+            writer.add(delta, alpha, decay, step)
+        for s in shadows:
+            s.apply(delta, alpha, decay, step)
+
+    opt.update_hook = hook
+    all_idx = torch.arange(cfg.n_contexts)
+    with torch.no_grad():
+        ref_logp = torch.log_softmax(task.logits(task.W0, all_idx), dim=1)
+    traj = {"step": [], "reward": [], "kl": [], "angle_left_max_deg": []}
+
+    def evaluate(t: int) -> None:
+        with torch.no_grad():
+            logp = torch.log_softmax(task.logits(W, all_idx), dim=1)
+            traj["step"].append(t)
+            traj["reward"].append(float(task.expected_reward(logp, all_idx).mean()))
+            traj["kl"].append(float(_kl(logp, ref_logp)))
+            traj["angle_left_max_deg"].append(
+                _angle(task.W0, W, cfg.k) if t > 0 else 0.0)
+
+    evaluate(0)
+    for t in range(cfg.steps):
+        idx = torch.randint(cfg.n_contexts, (cfg.batch,), generator=gen)
+        batch: dict = {}
+        with torch.no_grad():
+            if cfg.algo == "sft":
+                pick = torch.randint(cfg.n_targets, (cfg.batch,), generator=gen)
+                batch["y"] = task.targets[idx, pick]
+            else:
+                logp_old = torch.log_softmax(task.logits(W, idx), dim=1)
+                y = torch.multinomial(logp_old.exp(), cfg.group, replacement=True,
+                                      generator=gen)
+                r = task.target_mask[idx].gather(1, y).to(torch.float32)
+                batch.update(y=y, adv=_advantages(r, cfg.algo), logp_old=logp_old.gather(1, y))
+        for _ in range(cfg.inner_steps):
+            opt.zero_grad(set_to_none=True)
+            _loss(task, cfg, W, idx, batch, ref_logp).backward()
+            opt.step()
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
+            evaluate(t + 1)
+    if writer is not None:
+        writer.close()
+    opt.close()
+
+    principal = gm.principal_mask(task.W0, cfg.k, cfg.alpha)
+    low = gm.low_magnitude_mask(task.W0, cfg.alpha)
+    result = {"config": cfg.to_dict(), "trajectory": traj,
+              "true_update_density": float((acc != 0).double().mean()),
+              "mean_step_norm": float(np.mean(step_norms)) if step_norms else 0.0,
+              "policies": {}}
+    masks = {}
+    for s in shadows:
+        res, mask = policy_metrics(s, task.W0, cfg, principal, low)
+        result["policies"][s.policy.name] = res
+        masks[s.policy.name] = np.packbits(mask.cpu().numpy().ravel())
+    if mask_path is not None:
+        mp = Path(mask_path)
+        mp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mp.with_name(mp.name + ".tmp.npz")
+        np.savez_compressed(tmp, shape=np.array(task.W0.shape), **masks)
+        tmp.replace(mp)
+    result["final_weights_sha"] = {s.policy.name: _digest(s.weights) for s in shadows}
+    result["train_weights_sha"] = _digest(W.detach())
+    return result
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(t.contiguous().view(torch.int32).numpy().tobytes()).hexdigest()[:16]
