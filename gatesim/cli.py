@@ -4,6 +4,7 @@
   gatesim ablate CONFIG [--out DIR]  a sweep from a JSON/TOML config (resumes)
   gatesim run [--config CELL.json] --record DIR   one cell, recording its update stream
   gatesim replay STREAM --policy P [--policy P2 ...]   a recorded stream through policies
+  gatesim diff BASE TUNED [--out DIR] a base/tuned checkpoint pair, per tensor (resumes)
   gatesim absorbed                   what a random update loses per format and mode
 """
 from __future__ import annotations
@@ -169,8 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     absd = sub.add_parser("absorbed", help="what a random update loses, per format and mode")
     absd.add_argument("--seed", type=int, default=0)
     absd.set_defaults(func=cmd_absorbed)
-    for hook in _EXTRA_COMMANDS:
-        hook(sub)
+    from gatesim.diff.cli import add_diff_parser
+    add_diff_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -178,9 +179,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gatesim {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
 
-
-#: Functions ``f(subparsers)`` that add more subcommands (e.g. ``diff``).
-_EXTRA_COMMANDS: list = []
 
 
 if __name__ == "__main__":

@@ -1,0 +1,284 @@
+"""One pass over a tensor pair's bit patterns: bitwise sparsity, non-finite counts, and the
+changed entries gathered for the finer metrics.
+
+:func:`sparsity_fast` gives exactly what :func:`gatesim.metrics.sparsity` gives on the whole
+pair (same counts, same ULP histogram; ``tests/test_diff_scan.py`` checks it), at a
+fraction of the cost: a numba pass over the integer views counts, per element,
+
+* ``n_diff``: stored bits differ;
+* ``zero_diff``: bits differ but both values are zero (+0 vs -0: equal by the definition);
+* NaN and infinity on each side;
+* ``eq_nan`` / ``eq_inf``: identical bits that are NaN (never equal) / infinite,
+
+(a vectorised first pass counts the differing bits, the sign-only differences and the
+largest magnitude; when it finds no sign-only difference and nothing at or above the
+infinity/NaN magnitude, which is the normal case, those are all its counts; otherwise the
+full per-element pass runs) and copies the pairs whose bits differ into two compact
+arrays. Pairs with identical, non-NaN bits are unchanged under every rule (bitwise, relative probe, atol) and sit in ULP
+bin 0, so only the gathered pairs go through :func:`gatesim.metrics.sparsity`, and the two
+parts are added. With ``bitwise_only`` the gather and the finer metrics are skipped: the
+pass then only counts (the fast "bitwise-sparsity-only" mode).
+
+Definitions are SCIENCE.md's ("Update sparsity, bitwise"): +0 and -0 are equal, NaN never
+equals anything. Integer and bool tensors compare bits only (no zero or NaN rule); float64
+tensors get the bitwise count and the non-finite counts but no relative/atol/ULP metrics
+(:mod:`gatesim.metrics` does not take float64).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+
+import gatesim.metrics as gm
+
+__all__ = ["ScanCounts", "scan", "sparsity_fast", "FLOAT_LAYOUTS"]
+
+#: dtype -> (integer view, magnitude mask, infinity magnitude (-1: none), first NaN magnitude)
+FLOAT_LAYOUTS = {
+    torch.float64: (torch.int64, (1 << 63) - 1, 0x7FF0000000000000, 0x7FF0000000000001),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000, 0x7F800001),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80, 0x7F81),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00, 0x7C01),
+    torch.float8_e5m2: (torch.int8, 0x7F, 0x7C, 0x7D),
+    torch.float8_e4m3fn: (torch.int8, 0x7F, -1, 0x7F),
+}
+#: Elements per pass of :func:`gatesim.metrics.sparsity`'s chunked torch path (its
+#: temporaries are about 100 bytes per element, so 2**19 keeps them near 50 MB); its numba
+#: CPU path makes no temporaries.
+CHUNK = 1 << 19
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_quick(a, b, magmask, sign):
+    """Vectorisable first pass: bits differing, sign-only differences (+0/-0 candidates)
+    and the largest magnitude on either side (NaN/inf candidates)."""
+    n_diff = 0
+    sign_only = 0
+    big = 0
+    for i in range(a.size):
+        x = a[i]
+        y = b[i]
+        n_diff += x != y
+        sign_only += (x ^ y) == sign
+        big = max(big, max(x & magmask, y & magmask))
+    return n_diff, sign_only, big
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_count(a, b, magmask, inf_mag, nan_from, is_float):
+    n_diff = 0
+    zero_diff = 0
+    nan_a = 0
+    inf_a = 0
+    nan_b = 0
+    inf_b = 0
+    eq_nan = 0
+    eq_inf = 0
+    for i in range(a.size):
+        x = np.int64(a[i])
+        y = np.int64(b[i])
+        d = x != y
+        n_diff += d
+        if is_float:
+            mx = x & magmask
+            my = y & magmask
+            zero_diff += d & (((x | y) & magmask) == 0)
+            na = mx >= nan_from
+            ia = mx == inf_mag
+            nan_a += na
+            inf_a += ia
+            nan_b += my >= nan_from
+            inf_b += my == inf_mag
+            eq_nan += (not d) & na
+            eq_inf += (not d) & ia
+    return n_diff, zero_diff, nan_a, inf_a, nan_b, inf_b, eq_nan, eq_inf
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_gather(a, b, magmask, inf_mag, nan_from, is_float, out_a, out_b):
+    w = 0
+    zero_diff = 0
+    nan_a = 0
+    inf_a = 0
+    nan_b = 0
+    inf_b = 0
+    eq_nan = 0
+    eq_inf = 0
+    for i in range(a.size):
+        xa = a[i]
+        yb = b[i]
+        x = np.int64(xa)
+        y = np.int64(yb)
+        d = x != y
+        out_a[w] = xa          # branch-free gather: always write, advance when changed
+        out_b[w] = yb
+        w += d
+        if is_float:
+            mx = x & magmask
+            my = y & magmask
+            zero_diff += d & (((x | y) & magmask) == 0)
+            na = mx >= nan_from
+            ia = mx == inf_mag
+            nan_a += na
+            inf_a += ia
+            nan_b += my >= nan_from
+            inf_b += my == inf_mag
+            eq_nan += (not d) & na
+            eq_inf += (not d) & ia
+    return w, zero_diff, nan_a, inf_a, nan_b, inf_b, eq_nan, eq_inf
+
+
+@numba.njit(cache=True, nogil=True)
+def _update_mask(a, b, magmask, out):
+    for i in range(a.size):
+        x = np.int64(a[i])
+        y = np.int64(b[i])
+        out[i] = (x != y) & (((x | y) & magmask) != 0)
+
+
+def update_mask_flat(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Flat bool array: stored bits differ and not both zero (+0 == -0). NaN pairs are
+    not special-cased: use on finite tensors (the bitwise ``M_update``)."""
+    view, magmask, *_ = _layout(a.dtype, a.element_size())
+    ia = a.contiguous().reshape(-1).view(view).numpy()
+    ib = b.contiguous().reshape(-1).view(view).numpy()
+    out = np.empty(ia.size, dtype=np.bool_)
+    _update_mask(ia, ib, magmask if a.is_floating_point() else -1, out)
+    return out
+
+
+@dataclasses.dataclass
+class ScanCounts:
+    """Counts of one pass (module docstring); ``changed_a``/``changed_b`` hold the gathered
+    pairs whose bits differ (same dtype as the inputs), or None with ``bitwise_only``."""
+
+    n: int
+    n_diff: int
+    zero_diff: int
+    nan_a: int
+    inf_a: int
+    nan_b: int
+    inf_b: int
+    eq_nan: int
+    eq_inf: int
+    changed_a: Optional[torch.Tensor] = None
+    changed_b: Optional[torch.Tensor] = None
+
+    @property
+    def bitwise_equal(self) -> int:
+        """Entries with identical stored bits (+0 == -0, NaN never equal)."""
+        return self.n - self.n_diff + self.zero_diff - self.eq_nan
+
+
+def _layout(dtype: torch.dtype, itemsize: int):
+    lay = FLOAT_LAYOUTS.get(dtype)
+    if lay is not None:
+        return lay[0], lay[1], lay[2], lay[3], True
+    view = _INT_VIEWS.get(itemsize)
+    if view is None:
+        raise TypeError(f"cannot compare bit patterns of dtype {dtype}")
+    return view, 0, -1, 1 << 62, False
+
+
+def scan(a: torch.Tensor, b: torch.Tensor, *, gather: bool = True,
+         out_a: Optional[np.ndarray] = None, out_b: Optional[np.ndarray] = None) -> ScanCounts:
+    """The counting pass over two CPU tensors of one dtype and shape (module docstring).
+
+    ``out_a``/``out_b``: optional scratch arrays of at least ``numel`` elements of the
+    integer view dtype, to gather into (avoids allocating).
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise ValueError(f"scan needs one dtype and shape, got {a.dtype}{tuple(a.shape)} "
+                         f"and {b.dtype}{tuple(b.shape)}")
+    view, magmask, inf_mag, nan_from, is_float = _layout(a.dtype, a.element_size())
+    n = a.numel()
+    ia = a.contiguous().reshape(-1).view(view).numpy()
+    ib = b.contiguous().reshape(-1).view(view).numpy()
+    if not gather:
+        if is_float:
+            # the quick pass settles the common case: no NaN/inf, no +0/-0 swaps
+            sign = -(1 << (8 * a.element_size() - 1))
+            nd, sign_only, big = _scan_quick(ia, ib, magmask, sign)
+            special = nan_from if inf_mag < 0 else min(inf_mag, nan_from)
+            if sign_only == 0 and big < special:
+                return ScanCounts(n, int(nd), 0, 0, 0, 0, 0, 0, 0)
+        c = _scan_count(ia, ib, magmask, inf_mag, nan_from, is_float)
+        return ScanCounts(n, *(int(x) for x in c))
+    npv = ia.dtype
+    if out_a is None or out_a.size < n or out_a.dtype != npv:
+        out_a = np.empty(max(n, 1), dtype=npv)
+    if out_b is None or out_b.size < n or out_b.dtype != npv:
+        out_b = np.empty(max(n, 1), dtype=npv)
+    c = _scan_gather(ia, ib, magmask, inf_mag, nan_from, is_float, out_a, out_b)
+    w = int(c[0])
+    ca = torch.from_numpy(out_a[:w]).view(a.dtype)
+    cb = torch.from_numpy(out_b[:w]).view(a.dtype)
+    return ScanCounts(n, w, *(int(x) for x in c[1:]), changed_a=ca, changed_b=cb)
+
+
+@dataclasses.dataclass
+class FastSparsity:
+    """Sparsity of one pair by every definition (fields as in
+    :class:`gatesim.metrics.SparsityResult`, plus the raw counts)."""
+
+    counts: ScanCounts
+    bitwise_equal: int
+    relative_equal: Optional[int]
+    atol_equal: Optional[int]
+    nan_pairs: int
+    inf_pairs: int
+    ulp_hist: Optional[list]
+    ulp_labels: Optional[tuple]
+
+
+def sparsity_fast(a: torch.Tensor, b: torch.Tensor, *, eta: float = gm.DEFAULT_ETA,
+                  atol: float = gm.DEFAULT_ATOL[0], bitwise_only: bool = False,
+                  out_a: Optional[np.ndarray] = None,
+                  out_b: Optional[np.ndarray] = None) -> FastSparsity:
+    """Counts equal to :func:`gatesim.metrics.sparsity` on the whole pair (module
+    docstring). ``relative_equal``, ``atol_equal`` and ``ulp_hist`` are None with
+    ``bitwise_only`` or for dtypes :mod:`gatesim.metrics` does not take."""
+    full = not bitwise_only and a.dtype in (torch.float32, torch.bfloat16, torch.float16,
+                                            torch.float8_e4m3fn, torch.float8_e5m2)
+    c = scan(a, b, gather=full, out_a=out_a, out_b=out_b)
+    nan_pairs = c.eq_nan
+    inf_pairs = c.eq_inf
+    if not full:
+        if a.is_floating_point():   # NaN/inf pairs among the changed ones (cheap: rare)
+            nan_pairs, inf_pairs = _nonfinite_pairs(a, b, c)
+        return FastSparsity(c, c.bitwise_equal, None, None, nan_pairs, inf_pairs, None, None)
+    same = c.n - c.n_diff - c.eq_nan            # identical, non-NaN bits
+    width = a.element_size() * 8
+    labels = gm.ulp_bin_labels(width)
+    if c.n_diff:
+        sub = gm.sparsity(c.changed_a, c.changed_b, eta=eta, atol=(atol,), chunk=CHUNK)
+        if sub.counts["bitwise"] != c.zero_diff:   # the two definitions must agree
+            raise AssertionError(f"bitwise count of the changed pairs {sub.counts['bitwise']} "
+                                 f"!= zero pairs {c.zero_diff}")
+        rel = same + sub.counts["relative"]
+        at = same + sub.counts[f"atol={atol:g}"]
+        hist = list(sub.ulp_hist)
+        nan_pairs += sub.nan_pairs
+        inf_pairs += sub.inf_pairs
+    else:
+        rel = at = same
+        hist = [0] * len(labels)
+    hist[0] += same
+    return FastSparsity(c, c.bitwise_equal, rel, at, nan_pairs, inf_pairs, hist, labels)
+
+
+def _nonfinite_pairs(a: torch.Tensor, b: torch.Tensor, c: ScanCounts) -> tuple[int, int]:
+    """(NaN pairs, inf pairs) when the pass did not gather; only looked at when either side
+    holds a non-finite value."""
+    if not (c.nan_a or c.inf_a or c.nan_b or c.inf_b):
+        return 0, 0
+    x = a.reshape(-1).to(torch.float64)
+    y = b.reshape(-1).to(torch.float64)
+    nan = torch.isnan(x) | torch.isnan(y)
+    inf = ~nan & (torch.isinf(x) | torch.isinf(y))
+    return int(nan.sum()), int(inf.sum())
