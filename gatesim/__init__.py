@@ -9,11 +9,12 @@ from gatesim.formats import BF16, E4M3FN, E5M2, FORMATS, FP16, FP32, TF32, Forma
 from gatesim._ops import cpu_isa
 from gatesim.precision import MODES, absorbed, quantize, random_bits, to_dtype, ulp
 from gatesim.update import UpdateStats, apply_update
+from gatesim.tracking import track
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Format", "FP32", "TF32", "BF16", "FP16", "E4M3FN", "E5M2", "FORMATS", "as_format",
     "MODES", "quantize", "to_dtype", "ulp", "absorbed", "random_bits", "cpu_isa",
-    "UpdateStats", "apply_update",
+    "UpdateStats", "apply_update", "track",
 ]

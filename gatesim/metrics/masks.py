@@ -1,0 +1,217 @@
+"""Weight masks and their overlaps, each next to the value chance would give.
+
+Definitions (``../shared/SCIENCE.md``, "Principal weights", "Cross-run consistency"):
+
+* principal weights ``M_princ = Top_alpha(|W0^(k)|)``: the ``alpha`` fraction of entries
+  with the largest magnitude in the rank-``k`` SVD reconstruction
+  ``W0^(k) = U_k diag(S_k) V_k^T`` of ``W0`` (:func:`principal_mask`);
+* low-magnitude weights ``M_low = Bottom_alpha(|W0|)`` (:func:`low_magnitude_mask`);
+* ``Overlap(M_update, M) = |M_update & M| / |M|``, random baseline the update density
+  ``p = |M_update| / N`` (:func:`overlap`): a mask drawn uniformly at random with density
+  ``p`` has expected overlap ``p`` with any fixed mask;
+* the overlap with the principal mask once the low-magnitude mask is removed,
+  ``|U & P & ~L| / |P & ~L|``, with the same baseline ``p``, and also the conditional
+  baseline ``|U & ~L| / |~L|`` (the update density outside the low-magnitude weights,
+  what chance gives if the update is known to avoid ``L``) (:func:`overlap_excluding`);
+* Jaccard ``J = |A & B| / |A | B|`` of two update masks against the independent-Bernoulli
+  baseline ``E[J] = pq / (p + q - pq)`` (:func:`jaccard`).
+
+**Selection rule of Top/Bottom_alpha** (deterministic): exactly
+``c = max(1, floor(alpha * N + 1/2))`` entries are selected (``N`` the number of entries,
+``alpha`` in (0, 1]). Entries are ordered by score (descending for Top, ascending for
+Bottom); equal scores are ordered by flat row-major index, lower index first. Scores are
+compared in float64 (exact for every stored format), so +0 and -0 tie.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from gatesim.metrics._checks import check_alpha, check_k, check_mask, check_matrix
+from gatesim.metrics.svd import BaseSVD, base_svd
+
+__all__ = ["select_count", "top_alpha", "bottom_alpha", "principal_mask",
+           "low_magnitude_mask", "Overlap", "overlap", "overlap_excluding", "Jaccard",
+           "jaccard", "jaccard_baseline", "random_mask"]
+
+
+def select_count(alpha: float, n: int) -> int:
+    """Entries a Top/Bottom_alpha mask of ``n`` entries selects:
+    ``max(1, floor(alpha * n + 1/2))``."""
+    alpha = check_alpha(alpha)
+    return max(1, min(n, int(math.floor(alpha * n + 0.5))))
+
+
+def _select(scores: torch.Tensor, alpha: float, largest: bool, name: str) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {scores.dtype}")
+    if scores.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    flat = scores.detach().reshape(-1).to(torch.float64)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError(f"{name} holds NaN or inf; Top/Bottom_alpha needs finite scores")
+    n = flat.numel()
+    c = select_count(alpha, n)
+    out = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if c == n:
+        return out.fill_(True).reshape(scores.shape)
+    # the c-th value in selection order, then strict winners, then ties by lowest index
+    pos = n - c if largest else c - 1          # 0-based position in ascending order
+    if flat.device.type == "cpu":              # numpy's introselect: ~3x torch.kthvalue
+        import numpy as np
+        t = float(np.partition(flat.numpy(), pos)[pos])
+    else:
+        t = torch.kthvalue(flat, pos + 1).values
+    strict = flat > t if largest else flat < t
+    out |= strict
+    rest = c - int(strict.sum())
+    if rest > 0:
+        ties = torch.nonzero(flat == t).flatten()[:rest]
+        out[ties] = True
+    return out.reshape(scores.shape)
+
+
+def top_alpha(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Bool mask of the ``alpha`` fraction of largest scores (selection rule: module
+    docstring; ties go to the lower flat index)."""
+    return _select(scores, alpha, True, "scores")
+
+
+def bottom_alpha(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Bool mask of the ``alpha`` fraction of smallest scores (selection rule: module
+    docstring; ties go to the lower flat index)."""
+    return _select(scores, alpha, False, "scores")
+
+
+def principal_mask(W0: torch.Tensor, k: int, alpha: float, *,
+                   svd0: Optional[BaseSVD] = None) -> torch.Tensor:
+    """``M_princ = Top_alpha(|W0^(k)|)``, ``W0^(k)`` the rank-``k`` SVD reconstruction
+    (SCIENCE.md, "Principal weights"); the SVD is ``svd0`` or the cached exact one."""
+    check_matrix(W0, "W0")
+    check_k(k, *W0.shape)
+    alpha = check_alpha(alpha)
+    if svd0 is None:
+        svd0 = base_svd(W0, name="W0")
+    elif not isinstance(svd0, BaseSVD):
+        raise TypeError(f"svd0 must be a BaseSVD, got {type(svd0).__name__}")
+    elif tuple(svd0.shape) != tuple(W0.shape):
+        raise ValueError(f"svd0 is the SVD of a {svd0.shape[0]}x{svd0.shape[1]} matrix, W0 "
+                         f"is {W0.shape[0]}x{W0.shape[1]}")
+    return top_alpha(svd0.reconstruct(k).abs_(), alpha)
+
+
+def low_magnitude_mask(W0: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``M_low = Bottom_alpha(|W0|)`` (SCIENCE.md, "Low-magnitude weights")."""
+    check_matrix(W0, "W0")
+    return bottom_alpha(W0.detach().to(torch.float64).abs(), alpha)
+
+
+@dataclasses.dataclass
+class Overlap:
+    """``value = count / size`` (``|U & M| / |M|``) next to its random ``baseline``.
+
+    Attributes:
+        value: the overlap (NaN when ``size == 0``).
+        baseline: the update density ``|U| / N``.
+        count: ``|U & M|``; size: ``|M|``.
+        cond_baseline: for :func:`overlap_excluding`, ``|U & ~X| / |~X|``; else None.
+    """
+
+    value: float
+    baseline: float
+    count: int
+    size: int
+    cond_baseline: Optional[float] = None
+
+    @property
+    def ratio(self) -> float:
+        """``value / baseline`` (1 = chance; NaN when the baseline is 0)."""
+        return self.value / self.baseline if self.baseline > 0 else math.nan
+
+    def to_dict(self, prefix: str = "overlap") -> dict:
+        out = {prefix: self.value, f"{prefix}_baseline": self.baseline,
+               f"{prefix}_ratio": self.ratio}
+        if self.cond_baseline is not None:
+            out[f"{prefix}_cond_baseline"] = self.cond_baseline
+        return out
+
+
+def overlap(update: torch.Tensor, mask: torch.Tensor) -> Overlap:
+    """``|update & mask| / |mask|`` and its random baseline ``|update| / N``
+    (SCIENCE.md, "Overlap(M_update, M)")."""
+    check_mask(update, "update")
+    check_mask(mask, "mask", update, "update")
+    n = update.numel()
+    size = int(mask.sum())
+    cnt = int((update & mask).sum())
+    p = int(update.sum()) / n if n else math.nan
+    return Overlap(cnt / size if size else math.nan, p, cnt, size)
+
+
+def overlap_excluding(update: torch.Tensor, mask: torch.Tensor,
+                      exclude: torch.Tensor) -> Overlap:
+    """``|U & M & ~X| / |M & ~X|``: the overlap with ``mask`` once ``exclude`` is removed
+    (for the principal mask without the low-magnitude one: ``M = M_princ``,
+    ``X = M_low``). ``baseline`` is the update density ``|U| / N``; ``cond_baseline`` is
+    ``|U & ~X| / |~X|``, the density outside ``X``."""
+    check_mask(update, "update")
+    check_mask(mask, "mask", update, "update")
+    check_mask(exclude, "exclude", update, "update")
+    keep = mask & ~exclude
+    r = overlap(update, keep)
+    out_x = ~exclude
+    nx = int(out_x.sum())
+    r.cond_baseline = int((update & out_x).sum()) / nx if nx else math.nan
+    return r
+
+
+def jaccard_baseline(p: float, q: float) -> float:
+    """``E[J] = pq / (p + q - pq)`` of two independent Bernoulli masks of densities ``p``,
+    ``q`` (SCIENCE.md, "Cross-run consistency"); NaN when both are 0."""
+    den = p + q - p * q
+    return p * q / den if den > 0 else math.nan
+
+
+@dataclasses.dataclass
+class Jaccard:
+    """``value = |A & B| / |A | B|`` next to ``baseline = pq / (p + q - pq)``."""
+
+    value: float
+    baseline: float
+    p: float
+    q: float
+    intersection: int
+    union: int
+
+    def to_dict(self, prefix: str = "jaccard") -> dict:
+        return {prefix: self.value, f"{prefix}_baseline": self.baseline,
+                f"{prefix}_p": self.p, f"{prefix}_q": self.q}
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> Jaccard:
+    """Jaccard index of two update masks with its independent-Bernoulli baseline
+    (SCIENCE.md, "Cross-run consistency of update masks"). NaN when both are empty."""
+    check_mask(a, "a")
+    check_mask(b, "b", a, "a")
+    n = a.numel()
+    inter = int((a & b).sum())
+    union = int((a | b).sum())
+    p, q = int(a.sum()) / n, int(b.sum()) / n
+    return Jaccard(inter / union if union else math.nan, jaccard_baseline(p, q), p, q,
+                   inter, union)
+
+
+def random_mask(shape: Sequence[int], density: float, *, seed: int = 0,
+                device=None) -> torch.Tensor:
+    """A uniformly random mask: independent Bernoulli(``density``) entries from a seeded
+    ``torch.Generator`` (the null model behind every baseline here)."""
+    density = float(density)
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, device=device) < density
