@@ -59,7 +59,9 @@ to add, obtained by replaying its step at higher precision:
   then never count anything absorbed (``u == 0`` exactly where the bits did not change); the
   what-ifs show what other storage would have made of the updates the run did store. Steps
   called with a closure (``optimizer.step(closure)``, LBFGS) always use this: the closure
-  computes the gradients inside the step, after the pre-hook ran.
+  computes the gradients inside the step, after the pre-hook ran; so does an optimizer whose
+  step fails on the replay's copy (e.g. gatesim's emulated optimizers, which look parameters
+  up by identity): one RuntimeWarning, then ``intended="stored"`` in its records.
 
 The replay assumes the optimizer updates each parameter independently of the others (true of
 SGD, Adam(W), RMSprop, Adagrad, Adamax, NAdam, RAdam, Lion-type and most others); it runs one
@@ -549,6 +551,7 @@ class _Attachment:
         self.last_tracked: Optional[int] = None
         self.pending = None
         self.names = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> name
+        self.replay_failed: Optional[str] = None  # why this optimizer cannot be replayed
         step = type(opt).step
         self.raw_step = step.__wrapped__ if getattr(step, "hooked", False) and hasattr(
             step, "__wrapped__") else step
@@ -625,12 +628,22 @@ class _Attachment:
                 replay = intended == "fp64" or (intended == "fp32" and p.dtype != torch.float32)
                 # how u is finished after the step: "sub" u -= snap in place (fp32 replay),
                 # "done" (fp64 replay), "diff" u = after - snap (no replay)
-                finish = "diff"
-                if replay:
-                    finish = "sub" if self._replay(
-                        p, pt, gi, torch.float64 if intended == "fp64" else torch.float32) \
-                        else "done"
-                items.append((gi, name, p, pt, finish, anchored))
+                finish, how = "diff", intended
+                if replay and self.replay_failed is None:
+                    try:
+                        finish = "sub" if self._replay(
+                            p, pt, gi, torch.float64 if intended == "fp64" else torch.float32) \
+                            else "done"
+                    except Exception as exc:  # e.g. state keyed by the real parameter's id
+                        self.replay_failed = f"{type(exc).__name__}: {exc}"
+                        warnings.warn(
+                            f"gatesim.track: {type(self.opt).__name__}.step cannot be replayed "
+                            f"on a copy ({self.replay_failed}); its intended updates are the "
+                            "stored ones from now on (intended='stored')", RuntimeWarning,
+                            stacklevel=4)
+                if replay and self.replay_failed is not None:
+                    finish, how = "diff", "stored"
+                items.append((gi, name, p, pt, finish, anchored, how))
         self.pending = (step, intended, items)
 
     def _replay(self, p: torch.Tensor, pt: _ParamTrack, gi: int, dtype: torch.dtype) -> bool:
@@ -707,7 +720,7 @@ class _Attachment:
         step, intended, items = pending
         records = []
         with torch.no_grad():
-            for gi, name, p, pt, finish, anchored in items:
+            for gi, name, p, pt, finish, anchored, how in items:
                 if p.grad is None:  # a closure step that computed no gradient for p
                     continue
                 if finish == "sub":
@@ -721,14 +734,14 @@ class _Attachment:
                 scratch = None if p.device.type == "cpu" and t.stats_backend != "torch" else \
                     t._scratch.get("hist", p, torch.float32)
                 own = _observed(pt.snap, p, pt.u, own_fmt, t.stats_backend, scratch, src)
-                records.append((gi, name, p, "own", own, anchored, intended))
+                records.append((gi, name, p, "own", own, anchored, how))
                 for w in t.what_ifs:
                     ws = pt.what_ifs[w.name]
                     st = apply_update(ws.param, pt.u, fmt=ws.fmt, mode=w.mode, master=ws.master,
                                       compensation=ws.comp, sum=w.sum,
                                       seed=w.seed if mode_index(w.mode) == _SR else None,
                                       offset=pt.offset, step=step)
-                    records.append((gi, name, p, w.name, st, anchored, intended))
+                    records.append((gi, name, p, w.name, st, anchored, how))
                 pt.last_step = step
         self.last_tracked = self.count
         t._emit(self, step, records)

@@ -26,8 +26,9 @@ counting pairs below and at ``2**-8`` relative, not by a division. Findings:
 
 ``test_library_probe_matches_reference_on_dense_sample`` ties gatesim's two
 implementations (numba and torch paths of :func:`gatesim.metrics.update_mask` and
-:func:`gatesim.metrics.sparsity`) to the same reference predicate on every bf16 pattern against its neighbours (+-1, +-2 bit
-patterns), its negation, the specials and random partners.
+:func:`gatesim.metrics.sparsity`) to the same reference predicate on every bf16 pattern
+against its neighbours (+-1, +-2 bit patterns), its negation, the specials and random
+partners.
 """
 import time
 

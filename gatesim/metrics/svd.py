@@ -7,7 +7,7 @@ decomposed with LAPACK's divide-and-conquer SVD (``gesdd``) through
 ``torch.linalg.svd(full_matrices=False)`` (torch's MKL build); a wide matrix (m < n) is
 decomposed as its transpose, which torch's ``gesdd`` path handles about 2x faster.
 Measured on this project's shared 2-core AMD EPYC (Zen 4) machine (README, "Metrics"):
-``gesvd`` (QR iteration) is 17-45x slower than ``gesdd`` and is not offered; torch's
+``gesvd`` (QR iteration) is 17-46x slower than ``gesdd`` and is not offered; torch's
 ``gesdd`` (MKL) and scipy's (OpenBLAS) came out within about 30% of each other, the
 faster one changing with shape, thread count and the machine's load, so torch is the
 default (same code on CUDA, no copy to numpy) and ``backend="scipy"`` selects
