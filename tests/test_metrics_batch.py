@@ -13,14 +13,7 @@ NAMES = ["encoder.layer.0.attention.self.query.weight",
          "encoder.layer.0.output.dense.weight"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small LAPACK calls run fastest on one thread, and a shared machine's oversubscribed
-    cores make multithreaded ones erratic (10x swings seen); restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_lapack_thread")  # see conftest.py
 
 
 def bf16_pair(name: str, seed: int = 0):

@@ -39,41 +39,7 @@ MINILM = ["encoder.layer.0.attention.self.query.weight",
 EPS = np.finfo(np.float64).eps
 
 
-def _openblas_threads(n=None):
-    """Best effort: get (n=None) or set the thread count of the OpenBLAS builds numpy and
-    scipy load (their reference SVDs); [] where the symbols are not found."""
-    import ctypes
-    out = []
-    try:
-        paths = {ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln.lower()}
-    except OSError:
-        return out
-    for p in sorted(paths):
-        for suffix in ("64_", ""):
-            try:
-                lib = ctypes.CDLL(p)
-                get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")
-                put = getattr(lib, f"scipy_openblas_set_num_threads{suffix}")
-            except (OSError, AttributeError):
-                continue
-            out.append(get())
-            if n is not None:
-                put(n if isinstance(n, int) else n.pop(0))
-            break
-    return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls run fastest on one thread, and a shared machine's oversubscribed
-    cores make multithreaded ones erratic (10x swings seen); restored afterwards."""
-    old = torch.get_num_threads()
-    old_blas = _openblas_threads(1)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    if old_blas:
-        _openblas_threads(list(old_blas))
+pytestmark = pytest.mark.usefixtures("one_lapack_thread")  # see conftest.py
 
 
 def update(W0: torch.Tensor, scale: float, density: float, seed: int) -> torch.Tensor:
