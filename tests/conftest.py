@@ -54,8 +54,10 @@ def _openblas_threads(n=None):
             except (OSError, AttributeError):
                 continue
             out.append(get())
-            if n is not None:
-                put(n if isinstance(n, int) else n.pop(0))
+            if isinstance(n, int):
+                put(n)
+            elif n:  # restoring: libraries loaded since the first call keep their setting
+                put(n.pop(0))
             break
     return out
 
