@@ -73,3 +73,13 @@ def one_lapack_thread():
     torch.set_num_threads(old)
     if old_blas:
         _openblas_threads(list(old_blas))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread (no OpenMP fork/join waits on a busy machine, and the
+    same bits whatever the machine's default); restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,12 +24,7 @@ def _small(**kw) -> CellConfig:
     return CellConfig(**d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def test_results_identical_across_runs_and_worker_counts(tmp_path):

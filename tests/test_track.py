@@ -21,14 +21,7 @@ from gatesim.update import HIST_EDGES_LOG2
 from gatesim.weights import load_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one torch thread (no OpenMP fork/join waits on a busy machine);
-    restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 VOCAB, USED_TOKENS, DIM, HID, LABELS = 64, 40, 48, 32, 4
 WHAT_IFS = ["bf16", "bf16_sr", "master", "fp16", "bf16_kahan"]

@@ -19,14 +19,7 @@ from gatesim.tracking import read_log, track
 from test_track import Net, OPTIMIZERS, assert_same_run, reference_stats, train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one torch thread (no OpenMP fork/join waits on a busy machine);
-    restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 PARAMS = 7  # Net's parameters
 

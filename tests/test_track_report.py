@@ -17,14 +17,7 @@ from gatesim.tracking import module_kind, observed_stats, plot_absorbed, read_lo
 from test_track import assert_stats_equal, reference_stats, train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one torch thread (no OpenMP fork/join waits on a busy machine);
-    restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
