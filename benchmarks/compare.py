@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import gatesim  # noqa: E402
+from markdown_block import replace_marked  # noqa: E402
 import precision_cases as pc  # noqa: E402
 import update_cases as uc  # noqa: E402
 
@@ -390,19 +391,8 @@ def report(suite: Suite, by_threads: Dict[int, Timings], info: Dict[str, str],
 
 
 def write_markdown(path: Path, body: str, suite: Suite) -> None:
-    """Replaces ``suite``'s marked region of ``path`` with ``body``; appends the marked
-    block if ``path`` has no such region, or writes it alone to a new file."""
-    begin, end_marker = suite.marker_begin, suite.marker_end
-    block = f"{begin}\n{body}{end_marker}\n"
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(begin), text.find(end_marker)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(end_marker):].lstrip("\n")
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = block
-    path.write_text(text)
+    """Replaces ``suite``'s marked region of ``path`` with ``body`` (see markdown_block)."""
+    replace_marked(path, suite.marker_begin, suite.marker_end, body)
 
 
 def run_suite(suite: Suite, args: argparse.Namespace, thread_counts: List[int]) -> str:

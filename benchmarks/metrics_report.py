@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the in-place build
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_block import replace_marked  # noqa: E402
 
 MARK_BEGIN = "<!-- metrics:begin -->"
 MARK_END = "<!-- metrics:end -->"
@@ -209,16 +211,7 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> str:
 
 def write_markdown(path: Path, body: str) -> None:
     """Replaces the text between the markers; appends the marked block if absent."""
-    block = f"{MARK_BEGIN}\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = block
-    path.write_text(text)
+    replace_marked(path, MARK_BEGIN, MARK_END, body)
 
 
 def main(argv=None) -> int:

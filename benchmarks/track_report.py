@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import track_cases as tc  # noqa: E402
+from markdown_block import replace_marked  # noqa: E402
 
 import gatesim  # noqa: E402
 
@@ -191,18 +192,8 @@ def report(results: list, args, load_before, load_after, seconds: float) -> str:
 
 
 def write_markdown(path: Path, body: str) -> None:
-    """Replaces the marked region of ``path`` with ``body``; appends the marked block if
-    ``path`` has no such region, or writes it alone to a new file (as compare.py does)."""
-    block = f"{BEGIN}\n{body}{END}\n"
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(END):].lstrip("\n")
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = block
-    path.write_text(text)
+    """Replaces the marked region of ``path`` with ``body`` (see markdown_block)."""
+    replace_marked(path, BEGIN, END, body)
 
 
 def main(argv=None) -> int:
