@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA op implementations.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
@@ -62,6 +63,14 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
+// apply_update writes param (and master or the compensation) while it reads delta:
+// buffers that share memory would read values the same call has already written.
+inline void check_no_overlap(const at::Tensor& a, const char* an, const at::Tensor& b,
+                             const char* bn) {
+  TORCH_CHECK_VALUE(at::get_overlap_status(a, b) == at::MemOverlapStatus::No, an, " and ", bn,
+                    " share memory; apply_update needs separate buffers");
+}
+
 // Everything an apply_update kernel needs, from the op's arguments, checked.
 struct UpdateCall {
   UpdatePtrs t;
@@ -81,6 +90,7 @@ inline UpdateCall prepare_update(at::Tensor& param, const at::Tensor& delta,
   TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");
   check_float_input(delta, "delta", dev);
   check_like(delta, param, "delta");
+  check_no_overlap(delta, "delta", param, "param");
   check_mode(mode);
   TORCH_CHECK_VALUE(sum_mode == kSumExact || sum_mode == kSumFp32, "sum_mode must be 0 or 1");
   check_stream(seed, offset, param.numel());
@@ -100,7 +110,8 @@ inline UpdateCall prepare_update(at::Tensor& param, const at::Tensor& delta,
     const at::Tensor& m = *master;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "master must be float32, got ", m.scalar_type());
     check_like(m, param, "master");
-    TORCH_CHECK_VALUE(!m.is_same(param), "master must not be param itself");
+    check_no_overlap(m, "master", param, "param");
+    check_no_overlap(m, "master", delta, "delta");
     c.t.master = m.mutable_data_ptr<float>();
     c.path = kMaster;
   }
@@ -109,7 +120,8 @@ inline UpdateCall prepare_update(at::Tensor& param, const at::Tensor& delta,
     TORCH_CHECK_TYPE(k.scalar_type() == param.scalar_type(), "compensation must have param's dtype ",
                      param.scalar_type(), ", got ", k.scalar_type());
     check_like(k, param, "compensation");
-    TORCH_CHECK_VALUE(!k.is_same(param), "compensation must not be param itself");
+    check_no_overlap(k, "compensation", param, "param");
+    check_no_overlap(k, "compensation", delta, "delta");
     c.t.comp = k.mutable_data_ptr();
     c.path = kKahan;
   }

@@ -133,6 +133,18 @@ h.update(gatesim.to_dtype(x, torch.bfloat16, "stochastic", seed=1).view(torch.in
 h.update(gatesim.random_bits(1001, 5, 77).numpy().tobytes())
 w = gatesim.quantize(x, gatesim.BF16)
 h.update(gatesim.absorbed(w, x * 1e-3, gatesim.BF16, check=False).numpy().tobytes())
+# apply_update: every path's kernels (the replay step has a hand-written AVX-512 one)
+m = (torch.randn(70_001) * 0.02); m[::31] = x[:70_001:31]
+d = torch.randn(70_001) * 1e-5; d[::13] = 0.0; d[::37] = x[:70_001:37]
+p0 = m.to(torch.bfloat16); p0[::41] = x[:70_001:41].to(torch.bfloat16)
+for mode in ("nearest_even", "stochastic"):
+    for kw in (dict(master=m.clone()), dict(), dict(compensation=torch.zeros_like(p0)),
+               dict(master=m.clone(), alpha=-0.5, decay=0.99)):
+        p = p0.clone()
+        st = gatesim.apply_update(p, d, mode=mode, seed=3, **kw)
+        h.update(p.view(torch.int16).numpy().tobytes()); h.update(repr(st).encode())
+        if "master" in kw:
+            h.update(kw["master"].numpy().tobytes())
 print(gatesim.cpu_isa(), h.hexdigest())
 """
 

@@ -99,6 +99,38 @@ def test_storage_nearest_fast_paths_equal_twin(data, fmt, sum_mode, as_dtype):
     assert stats == want
 
 
+@settings(max_examples=80)
+@given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
+def test_replay_step_fast_path_equals_twin(data, n):
+    """The replay step (bf16 param + fp32 master, nearest-even, alpha 1, no decay) has a
+    hand-written AVX-512 kernel; held to the twin on ragged lengths (16-lane tails,
+    512-element sub-runs, 4096-element blocks) with every special value sprinkled in."""
+    fmt = gatesim.BF16
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38,
+                         1e-45], np.float32)
+
+    def sprinkle(x, frac):
+        pick = rng.random(n) < frac
+        x[pick] = rng.choice(specials, pick.sum())
+        return x
+
+    frac = data.draw(st.sampled_from([0.0, 0.01, 0.2]))
+    master = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32), frac)
+    p32 = gatesim.quantize(torch.from_numpy(
+        sprinkle(master + np.float32(1e-4) * rng.standard_normal(n).astype(np.float32), frac)),
+        fmt).numpy()
+    d = (rng.standard_normal(n) * data.draw(st.sampled_from([1e-9, 1e-5, 1e-3, 1e30])))
+    d = sprinkle(d.astype(np.float32), frac)
+    with np.errstate(all="ignore"):
+        param, m_t, _, stats, (pn, mn, _, counts, mass) = run_both(
+            p32, d, fmt, "nearest_even", "master", "exact", 1.0, 1.0, None, 0, 0, True, master)
+    assert_same_bits(param.float(), pn, "param", any_nan=True)
+    assert_same_bits(m_t, mn, "master")
+    assert stats == UpdateStats.from_op(torch.from_numpy(counts),
+                                        torch.tensor([mass], dtype=torch.float64))
+
+
 def test_large_update_equals_twin_across_blocks_and_threads():
     """Several 4096-element blocks: counts and the fixed-order mass are bit-identical."""
     torch.manual_seed(0)
@@ -246,6 +278,28 @@ def test_bad_input(call, exc, match):
         call(p, d)
 
 
+def test_buffers_that_share_memory_are_refused():
+    """Aliased buffers would read values the call has already written: refused, untouched."""
+    buf = torch.ones(2, 8)
+    d = torch.full((8,), 1e-3)
+    cases = [
+        (lambda: gatesim.apply_update(buf[0], buf[0]), "delta and param share memory"),
+        (lambda: gatesim.apply_update(buf.view(16)[:8], d, master=buf.view(16)[4:12]),
+         "master and param share memory"),
+        (lambda: gatesim.apply_update(buf[1], buf[0], master=buf[0]), "master and delta"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert torch.equal(buf, torch.ones(2, 8))
+    p16 = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="compensation and param share memory"):
+        gatesim.apply_update(p16, d, compensation=p16[:].view(8))
+    # separate rows of one tensor do not overlap: fine
+    gatesim.apply_update(buf[1], buf[0], check_finite=True)
+    assert torch.equal(buf[1], torch.full((8,), 2.0))
+
+
 def test_stats_are_json_and_add_up():
     p = torch.ones(100, dtype=torch.bfloat16)
     a = gatesim.apply_update(p, torch.full((100,), 1e-5))
@@ -262,3 +316,35 @@ def test_opcheck_apply_update():
     m = torch.ones(64)
     torch.library.opcheck(torch.ops.gatesim.apply_update.default,
                           (p, d, m, None, gatesim.BF16.op_args(), 0, 0, 1.0, 1.0, 0, 0, 0, True))
+
+
+def test_flush_denormal_mode_does_not_change_results():
+    """torch.set_flush_denormal(True) sets FTZ/DAZ on the calling thread; the kernels run
+    with IEEE denormals regardless, so subnormal inputs and results keep their bits."""
+    g = torch.Generator().manual_seed(3)
+    n = 20_000
+    tiny = torch.randn(n, generator=g) * 1e-39  # mostly fp32 subnormals
+    # inputs made before the mode is switched on (torch's own ops would flush them)
+    d_half, d_quarter, d_milli = tiny * 0.5, tiny * 0.25, tiny * 1e-3
+    p0 = tiny.to(torch.bfloat16)
+
+    def run():
+        m, p, w = tiny.clone(), p0.clone(), tiny.clone()
+        s1 = gatesim.apply_update(p, d_half, master=m)
+        s2 = gatesim.apply_update(w, d_quarter)
+        q = gatesim.quantize(tiny, gatesim.BF16)
+        a = gatesim.absorbed(w, d_milli, gatesim.FP32, check=False)
+        return [s1, s2], [p.view(torch.int16), m.view(torch.int32), w.view(torch.int32),
+                          q.view(torch.int32), a]
+
+    want_stats, want = run()
+    assert want_stats[0].changed > n // 2 and want_stats[1].changed > n // 2
+    assert torch.set_flush_denormal(True)
+    try:
+        assert (tiny * 1.0 == 0).all()  # the setting is live on this thread
+        got_stats, got = run()
+    finally:
+        torch.set_flush_denormal(False)
+    assert got_stats == want_stats
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)

@@ -13,6 +13,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "cpu/kernels.h"
 #include "format_check.h"
 #include "op_checks.h"
@@ -23,6 +27,36 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 16;
+
+// Kernels use fp32/fp64 arithmetic (sums, fma, conversions) whose results must be IEEE:
+// with flush-to-zero or denormals-are-zero set (torch.set_flush_denormal(True) sets both
+// on the calling thread) subnormal values would silently become 0 and results would
+// depend on which thread ran a chunk. Each kernel call runs with both cleared and the
+// thread's previous setting restored afterwards.
+class IeeeDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  IeeeDenormals() : saved_(_mm_getcsr()) {
+    constexpr unsigned kFtz = 0x8000u, kDaz = 0x0040u;
+    if (saved_ & (kFtz | kDaz)) _mm_setcsr(saved_ & ~(kFtz | kDaz));
+  }
+  ~IeeeDenormals() {
+    if (_mm_getcsr() != saved_) _mm_setcsr(saved_);
+  }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+// at::parallel_for with IEEE denormals on every thread that runs a chunk.
+template <class F>
+void parallel_ieee(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    IeeeDenormals ieee;
+    f(b, e);
+  });
+}
 
 bool cpu_has(const char* isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -72,7 +106,7 @@ void quantize_out_cpu(const at::Tensor& x, c10::IntArrayRef fmt, int64_t mode, i
   const auto* xp = static_cast<const uint32_t*>(x.const_data_ptr());
   void* yp = out.mutable_data_ptr();
   const KernelTable& t = table();
-  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+  parallel_ieee(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
     t.quantize(xp, yp, enc, b, e, sp, static_cast<int>(mode), static_cast<uint64_t>(seed),
                static_cast<uint64_t>(offset));
   });
@@ -93,7 +127,7 @@ at::Tensor ulp_cpu(const at::Tensor& x, c10::IntArrayRef fmt) {
   const auto* xp = static_cast<const uint32_t*>(x.const_data_ptr());
   auto* yp = static_cast<uint32_t*>(out.mutable_data_ptr());
   const KernelTable& t = table();
-  at::parallel_for(0, x.numel(), kGrain,
+  parallel_ieee(0, x.numel(), kGrain,
                    [&](int64_t b, int64_t e) { t.ulp(xp, yp, b, e, sp); });
   return out;
 }
@@ -112,7 +146,7 @@ at::Tensor absorbed_cpu(const at::Tensor& w, const at::Tensor& delta, c10::IntAr
   const auto* dp = delta.const_data_ptr<float>();
   auto* yp = out.mutable_data_ptr<bool>();
   const KernelTable& t = table();
-  at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
+  parallel_ieee(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
     t.absorbed(wp, dp, yp, b, e, sp, static_cast<int>(mode), static_cast<uint64_t>(seed),
                static_cast<uint64_t>(offset));
   });
@@ -126,7 +160,7 @@ void random_bits_out_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   check_stream(seed, offset, out.numel());
   auto* yp = static_cast<uint32_t*>(out.mutable_data_ptr());
   const KernelTable& t = table();
-  at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+  parallel_ieee(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
     t.random_bits(yp, b, e, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   });
 }
@@ -148,10 +182,11 @@ std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
   int64_t* cp = counts.mutable_data_ptr<int64_t>();
   double* bm = block_mass.data();
   const KernelTable& tb = table();
-  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+  parallel_ieee(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
     tb.apply_update(t, a, path, enc, stats, b0, b1, n, cp, bm);
   });
   // blocks by the same fixed tree as within a block: the same sum for any thread count
+  IeeeDenormals ieee;
   int64_t padded = 1;
   while (padded < nblocks) padded <<= 1;
   block_mass.resize(stats ? padded : 0, 0.0);

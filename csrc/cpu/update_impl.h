@@ -12,6 +12,9 @@
 #include "cpu/kernels.h"
 #include "cpu/philox_simd.h"
 #include "gatesim/update.h"
+#if defined(GS_ISA_AVX512)
+#include "cpu/replay_avx512.h"
+#endif
 
 namespace gatesim {
 namespace cpu {
@@ -51,10 +54,12 @@ inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restric
 
 // One run of elements [i0, i1) (at most kUpdateBlock) with their random words r0/r1.
 // The update loop keeps the stored value before/after and u for the statistics.
+// Returns true when it has also added the run's histogram to `hist` (otherwise the caller
+// counts `bins`).
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
-inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
+inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
                        int64_t i1, const uint32_t* r0, const uint32_t* r1, int64_t blk0,
-                       uint32_t* counts7, int8_t* bins, double* mass) {
+                       uint32_t* counts7, int8_t* bins, double* mass, int64_t* hist) {
   const UpdateArgs a = args;  // a local copy: stores through the pointers cannot alias it
   const Spec sp = a.sp;
   const float alpha = a.alpha, decay = a.decay;
@@ -71,6 +76,22 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   alignas(64) uint32_t pob[kUpdateBlock], pnb[kUpdateBlock], dfb[kUpdateBlock];
   alignas(64) double ub[kUpdateBlock];
   if (PATH == kMaster && SIMPLE && STATS > 0) {
+#if defined(GS_ISA_AVX512)
+    if (ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
+      // Sub-runs of 1024 elements, each histogrammed right away: the memory streams
+      // pause only briefly (the hardware prefetcher bridges that), not for a whole
+      // block's histogram.
+      constexpr int64_t kSub = 512;
+      for (int64_t s0 = 0; s0 < cnt; s0 += kSub) {
+        const int64_t sc = cnt - s0 < kSub ? cnt - s0 : kSub;
+        int8_t* bs = bins + (i0 - blk0) + s0;
+        replay_bf16_ne_avx512(static_cast<uint16_t*>(param) + i0 + s0, ms + s0, dl + s0, sc,
+                              sp.m, counts7, bs, reinterpret_cast<float*>(mass) + (i0 - blk0) + s0);
+        histogram_bytes(bs, sc, kHistBins, hist);
+      }
+      return true;
+    }
+#endif
     // The replay step: update and 32-bit statistics fused in one vector loop.
     const int mb = sp.m;
     uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
@@ -111,7 +132,7 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     counts7[3] += c3;
     counts7[4] += c4;
     counts7[5] += c5;
-    return;
+    return false;
   }
   if (PATH == kStorage && MODE >= 0 && STATS >= 0) {
     // Storage-only fast path (mode known at compile time): both sum modes are computed
@@ -192,6 +213,30 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     stats_run(pob, pnb, ub, reinterpret_cast<const uint32_t*>(dl), dfb, cnt, sp, counts7,
               bins + k, mass + k);
   }
+  return false;
+}
+
+// tree_sum over the kUpdateBlock masses m[0, len), zero-padded (m's tail is scratch and
+// is overwritten), with the tree's first level (a[k] += a[k + n/2]) fused with the
+// conversion to double: the same additions in the same order, one pass fewer.
+// Each level's two halves are disjoint, which the compiler cannot see in tree_sum's
+// a[k] += a[k + half]: spelled with two restrict pointers, every level with 8 or more
+// pairs is one vector loop.
+template <typename T>
+inline double block_tree_sum(T* __restrict__ m, int64_t len) {
+  for (int64_t k = len; k < kUpdateBlock; ++k) m[k] = T(0);
+  constexpr int64_t h = kUpdateBlock / 2;
+  alignas(64) double tree[h];
+  const T* __restrict__ hi = m + h;
+#pragma omp simd
+  for (int64_t k = 0; k < h; ++k) tree[k] = static_cast<double>(m[k]) + static_cast<double>(hi[k]);
+  for (int64_t half = h >> 1; half >= 8; half >>= 1) {
+    double* __restrict__ lo = tree;
+    const double* __restrict__ up = tree + half;
+#pragma omp simd
+    for (int64_t k = 0; k < half; ++k) lo[k] += up[k];
+  }
+  return tree_sum(tree, 8);
 }
 
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
@@ -221,24 +266,23 @@ void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t
       }
     }
     uint32_t counts7[7] = {0, 0, 0, 0, 0, 0, 0};
-    update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(t, a, stats, blk0, blk1, r0 + skip,
-                                                        r1 + skip, blk0, counts7, bins, mass);
+    const bool hist_done = update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(
+        t, a, stats, blk0, blk1, r0 + skip, r1 + skip, blk0, counts7, bins, mass,
+        local + kStatHist0);
     if (!stats) continue;
     local[kStatN] += len;
     for (int f = 0; f < 7; ++f) local[kStatChanged + f] += counts7[f];
-    histogram_bytes(bins, len, kHistBins, local + kStatHist0);
+    if (!hist_done) histogram_bytes(bins, len, kHistBins, local + kStatHist0);
     // absorbed mass: a fixed pairwise tree over the block (see tree_sum in update.h); the
-    // fused replay loop stores float masses (exact: |delta|) in the same buffer.
-    alignas(64) double tree[kUpdateBlock];
-    if (SIMPLE && PATH == kMaster) {  // float masses from the fused replay loop
-      const float* fm = reinterpret_cast<const float*>(mass);
-      for (int64_t k = 0; k < len; ++k) tree[k] = static_cast<double>(fm[k]);
+    // fused replay loop stores float masses (exact: |delta|) in the same buffer. With
+    // nothing absorbed every mass is +0 and so is the sum.
+    if (counts7[1] == 0) {
+      block_mass[b] = 0.0;
+    } else if (SIMPLE && PATH == kMaster) {
+      block_mass[b] = block_tree_sum(reinterpret_cast<float*>(mass), len);
     } else {
-      for (int64_t k = 0; k < len; ++k) tree[k] = mass[k];
+      block_mass[b] = block_tree_sum(mass, len);
     }
-    for (int64_t k = len; k < kUpdateBlock; ++k) tree[k] = 0.0;
-    const double total = tree_sum(tree, kUpdateBlock);
-    block_mass[b] = total;
   }
   if (stats) {
     for (int s = 0; s < kNumStats; ++s) {
