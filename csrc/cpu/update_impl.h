@@ -14,6 +14,7 @@
 #include "gatesim/update.h"
 #if defined(GS_ISA_AVX512)
 #include "cpu/replay_avx512.h"
+#include "cpu/stats_avx512.h"
 #endif
 
 namespace gatesim {
@@ -210,8 +211,13 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   }
   if (stats) {
     const int64_t k = i0 - blk0;
+#if defined(GS_ISA_AVX512)
+    stats_run_avx512(pob, pnb, ub, reinterpret_cast<const uint32_t*>(dl), dfb, cnt, sp, counts7,
+                     bins + k, mass + k);
+#else
     stats_run(pob, pnb, ub, reinterpret_cast<const uint32_t*>(dl), dfb, cnt, sp, counts7,
               bins + k, mass + k);
+#endif
   }
   return false;
 }
