@@ -11,8 +11,9 @@ Two small pieces shared by :mod:`gatesim.sim` and :mod:`gatesim.diff`:
   (flushed and fsynced), and on a rerun reports which keys are done so they are skipped.
   A killed run loses at most the items in flight; a torn last line is ignored.
 
-Determinism: every task runs with ``torch.set_num_threads(threads)`` (default 1), so a
-result has the same bits whatever the number of workers.
+Determinism: every task runs with ``threads`` threads (default 1) in torch and in numba's
+parallel loops, so a result has the same bits whatever the number of workers, and a pool
+of workers does not oversubscribe the cores.
 """
 from __future__ import annotations
 
@@ -37,13 +38,19 @@ class Executor(Protocol):
 
 
 def _run_task(fn: Callable[[Any], Any], payload: Any, threads: int) -> Any:
+    """Runs one task with ``threads`` threads in torch and in numba's parallel loops (the
+    metrics' counting kernels): without the numba limit every worker of a process pool
+    would start one numba thread per core and the workers would oversubscribe the CPU."""
+    import numba
     import torch
-    old = torch.get_num_threads()
+    old, old_nb = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         return fn(payload)
     finally:
         torch.set_num_threads(old)
+        numba.set_num_threads(old_nb)
 
 
 class SerialExecutor:
