@@ -21,6 +21,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/stats_avx512.h"
 #include "gatesim/update.h"
 
 namespace gatesim {
@@ -34,8 +35,28 @@ namespace {
 // past the end of a buffer is harmless: prefetches never fault.
 constexpr int64_t kPrefetch = 1024;
 
+// The scaled step (EmulatedAdam's and SGD's: m <- fl32(alpha * delta + fl32(m * decay)))
+// needs the fp64 update u = alpha * delta + (decay - 1) * m for its statistics, exactly as
+// the portable loop forms it (both products are exact in fp64, one rounding in the sum;
+// without decay the m term is 0, even for an infinite m).
+struct ReplayScale {
+  __m512 alpha, decay;
+  __m512d alpha_d, decay_m1;
+  bool has_decay;
+  ReplayScale(float a, float d)
+      : alpha(_mm512_set1_ps(a)), decay(_mm512_set1_ps(d)), alpha_d(_mm512_set1_pd(a)),
+        decay_m1(_mm512_set1_pd(static_cast<double>(d) - 1.0)), has_decay(d != 1.0f) {}
+  __m512d u(__m256 d8, __m256 m8) const {
+    const __m512d du = _mm512_mul_pd(alpha_d, _mm512_cvtps_pd(d8));
+    if (!has_decay) return du;
+    return _mm512_add_pd(du, _mm512_mul_pd(decay_m1, _mm512_cvtps_pd(m8)));
+  }
+};
+
 // 16 elements at j (lanes of km). Counts go to vector lanes (cc_*: changed, absorbed,
-// zero) and, for the rare cases, to the scalar nonfinite counters nf[3].
+// zero) and, for the rare cases, to the scalar nonfinite counters nf[3]. SCALED: the
+// scaled step (mass64 gets fp64 masses); otherwise alpha = 1 and no decay (u = delta,
+// mass32 gets fp32 masses).
 struct ReplayConsts {
   __m512i abs32 = _mm512_set1_epi32(0x7FFFFFFF);
   __m512i qnan = _mm512_set1_epi32(0x7FC00000);
@@ -43,6 +64,11 @@ struct ReplayConsts {
   __m512i one32 = _mm512_set1_epi32(1);
   __m512i abs_hi16 = _mm512_set1_epi32(0x7FFF);
   __m512i inf_hi16 = _mm512_set1_epi32(0x7F80);
+  __m512i ff32 = _mm512_set1_epi32(0xFF);
+  __m512i e7ff = _mm512_set1_epi32(0x7FF);
+  __m512i zero32 = _mm512_setzero_si512();
+  __m512i top32 = _mm512_set1_epi32(kHistBins - 1);
+  __m512i none32 = _mm512_set1_epi32(-1);
   __m256i abs16 = _mm256_set1_epi16(0x7FFF);
   __m256i exp16 = _mm256_set1_epi16(0x7F80);
   __m256i ff16 = _mm256_set1_epi16(0xFF);
@@ -51,14 +77,27 @@ struct ReplayConsts {
   __m256i top16 = _mm256_set1_epi16(kHistBins - 1);
   __m256i none16 = _mm256_set1_epi16(-1);
   __m256i bin_off;  // m - kHistLo + 1: bin = E(u) - max(E(p), 1) + that (element_bin32_uniform)
-  explicit ReplayConsts(int m) : bin_off(_mm256_set1_epi16(static_cast<int16_t>(m - kHistLo + 1))) {}
+  // the same for an fp64 u (element_bin with ulp(p) = 2^(max(E(p), 1) - 127 - m)):
+  // bin = E64(u) - max(E(p), 1) + bin_off64
+  __m512i bin_off64;
+  int m, emin, msub;
+  explicit ReplayConsts(const Spec& sp)
+      : bin_off(_mm256_set1_epi16(static_cast<int16_t>(sp.m - kHistLo + 1))),
+        bin_off64(_mm512_set1_epi32(127 + sp.m - 1023 - kHistLo + 1)), m(sp.m), emin(sp.emin),
+        msub(sp.msub) {}
 };
 
-template <bool TAIL>
+// m2 with its NaN made canonical (add32 / mul32 / fma32)
+inline __m512 canon_ps(__m512 x, const ReplayConsts& c) {
+  return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(c.qnan));
+}
+
+template <bool TAIL, bool SCALED>
 inline __attribute__((always_inline)) void replay16(
     uint16_t* __restrict__ p16, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
-    __mmask16 km, int m, const ReplayConsts& c, __m512i& cc_changed, __m512i& cc_absorbed,
-    __m512i& cc_zero, uint64_t* nf, int8_t* __restrict__ bins, float* __restrict__ mass) {
+    __mmask16 km, const ReplayConsts& c, const ReplayScale* sc, __m512i& cc_changed,
+    __m512i& cc_absorbed, __m512i& cc_zero, uint64_t* nf, int8_t* __restrict__ bins,
+    float* __restrict__ mass32, double* __restrict__ mass64) {
   if (!TAIL) {
     _mm_prefetch(reinterpret_cast<const char*>(ms + j + kPrefetch), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T0);
@@ -68,10 +107,9 @@ inline __attribute__((always_inline)) void replay16(
   const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);
   const __m256i po = TAIL ? _mm256_maskz_loadu_epi16(km, p16 + j)
                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p16 + j));
-  // master + delta in fp32, NaN made canonical (add32)
-  __m512 m2 = _mm512_add_ps(mv, dv);
-  m2 = _mm512_mask_mov_ps(m2, _mm512_cmp_ps_mask(m2, m2, _CMP_UNORD_Q),
-                          _mm512_castsi512_ps(c.qnan));
+  // the new master in fp32, NaN made canonical: m + delta, or fma(alpha, delta, m * decay)
+  const __m512 m2 = SCALED ? canon_ps(_mm512_fmadd_ps(sc->alpha, dv, canon_ps(_mm512_mul_ps(mv, sc->decay), c)), c)
+                           : canon_ps(_mm512_add_ps(mv, dv), c);
   if (TAIL) _mm512_mask_storeu_ps(ms + j, km, m2);
   else _mm512_storeu_ps(ms + j, m2);
   // nearest-even to bf16 (round_ne_uniform with d = 16: m2's NaN is already +qNaN, and
@@ -88,13 +126,33 @@ inline __attribute__((always_inline)) void replay16(
                          _mm256_testn_epi16_mask(_mm256_or_si256(po, pn), c.abs16);
   __mmask16 changed = static_cast<__mmask16>(~same & km);
   const __m512i db = _mm512_castps_si512(dv);
-  const __mmask16 zero = _mm512_mask_testn_epi32_mask(km, db, c.abs32);
-  // histogram bin from the two biased exponents, in 16-bit lanes
-  const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
-  const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
-  __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
-  k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
-  k = _mm256_mask_mov_epi16(k, zero, c.none16);
+  // the update's zero test and histogram bin: from delta's bits (u = delta), or from u
+  __mmask16 zero;
+  __m128i k8;
+  __m512d u_lo, u_hi;
+  if (SCALED) {
+    u_lo = sc->u(_mm512_castps512_ps256(dv), _mm512_castps512_ps256(mv));
+    u_hi = sc->u(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)),
+                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(mv), 1)));
+    const __m512d z = _mm512_setzero_pd();
+    zero = static_cast<__mmask16>(
+        (_mm512_cmp_pd_mask(u_lo, z, _CMP_EQ_OQ) |
+         (static_cast<unsigned>(_mm512_cmp_pd_mask(u_hi, z, _CMP_EQ_OQ)) << 8)) & km);
+    const __m512i ue = f64_exponents(u_lo, u_hi);
+    const __m512i ep = _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu16_epi32(po), 7), c.ff32);
+    __m512i k = _mm512_add_epi32(_mm512_sub_epi32(ue, _mm512_max_epi32(ep, c.one32)), c.bin_off64);
+    k = _mm512_min_epi32(_mm512_max_epi32(k, c.zero32), c.top32);
+    k = _mm512_mask_mov_epi32(k, zero | _mm512_cmpeq_epi32_mask(ue, c.e7ff), c.none32);
+    k8 = _mm512_cvtepi32_epi8(k);
+  } else {
+    zero = _mm512_mask_testn_epi32_mask(km, db, c.abs32);
+    const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
+    const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
+    __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
+    k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
+    k = _mm256_mask_mov_epi16(k, zero, c.none16);
+    k8 = _mm256_cvtepi16_epi8(k);
+  }
   // Rare: a subnormal or non-finite delta (one fpclass: NaN, inf, denormal), a
   // non-finite value stored before (exponent field all ones) or after (r >= inf).
   const __mmask16 rare =
@@ -104,55 +162,70 @@ inline __attribute__((always_inline)) void replay16(
   if (__builtin_expect(rare != 0, 0)) {
     alignas(32) uint16_t pob[16], pnb[16];
     alignas(64) uint32_t dbb[16];
-    alignas(32) int16_t kb[16];
+    alignas(64) double ub[16];
+    alignas(16) int8_t kb[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
     _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
     _mm512_store_si512(dbb, db);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(kb), k);
+    if (SCALED) {
+      _mm512_store_pd(ub, u_lo);
+      _mm512_store_pd(ub + 8, u_hi);
+    }
+    _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
     for (int l = 0; l < 16; ++l) {
       if (!((rare >> l) & 1u)) continue;
       const uint32_t o = static_cast<uint32_t>(pob[l]) << 16;
       const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
-      const uint32_t f = element_flags(o, n, dbb[l], static_cast<double>(bits_f32(dbb[l])), 0u);
+      const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
+      const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
       changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
       nf[0] += (f >> 3) & 1u;
       nf[1] += (f >> 4) & 1u;
       nf[2] += (f >> 5) & 1u;
-      kb[l] = static_cast<int16_t>(element_bin32_uniform(o, dbb[l], m));
+      kb[l] = static_cast<int8_t>(SCALED ? element_bin(o, ul, c.emin, c.m, c.msub)
+                                         : element_bin32_uniform(o, dbb[l], c.m));
     }
-    k = _mm256_load_si256(reinterpret_cast<const __m256i*>(kb));
+    k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
   const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
   cc_changed = _mm512_mask_add_epi32(cc_changed, changed, cc_changed, c.one32);
   cc_absorbed = _mm512_mask_add_epi32(cc_absorbed, absorbed, cc_absorbed, c.one32);
   cc_zero = _mm512_mask_add_epi32(cc_zero, zero, cc_zero, c.one32);
-  const __m128i k8 = _mm256_cvtepi16_epi8(k);
-  const __m512i am = _mm512_maskz_and_epi32(absorbed, db, c.abs32);
-  if (TAIL) {
-    _mm_mask_storeu_epi8(bins + j, km, k8);
-    _mm512_mask_storeu_epi32(mass + j, km, am);
+  if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
+  if (SCALED) {
+    const __m512d a_lo = absorbed_abs(u_lo, static_cast<__mmask8>(absorbed));
+    const __m512d a_hi = absorbed_abs(u_hi, static_cast<__mmask8>(absorbed >> 8));
+    _mm512_mask_storeu_pd(mass64 + j, static_cast<__mmask8>(km), a_lo);
+    _mm512_mask_storeu_pd(mass64 + j + 8, static_cast<__mmask8>(km >> 8), a_hi);
   } else {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
-    _mm512_storeu_si512(mass + j, am);
+    const __m512i am = _mm512_maskz_and_epi32(absorbed, db, c.abs32);
+    if (TAIL) _mm512_mask_storeu_epi32(mass32 + j, km, am);
+    else _mm512_storeu_si512(mass32 + j, am);
   }
 }
 
 // Elements [0, cnt) of one run; p16 is the bf16 parameter (read, then written), ms the
-// master (read, then written), dl the delta. m: the format's mantissa bits (7).
+// master (read, then written), dl the delta; sp the format (bf16). sc: the scaled step
+// (fp64 masses into mass64), or null for alpha = 1 without decay (fp32 masses into mass32).
+template <bool SCALED>
 inline void replay_bf16_ne_avx512(uint16_t* __restrict__ p16, float* __restrict__ ms,
-                                  const float* __restrict__ dl, int64_t cnt, int m,
-                                  uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
-                                  float* __restrict__ mass) {
-  const ReplayConsts c(m);
+                                  const float* __restrict__ dl, int64_t cnt, const Spec& sp,
+                                  const ReplayScale* sc, uint32_t* __restrict__ counts7,
+                                  int8_t* __restrict__ bins, float* __restrict__ mass32,
+                                  double* __restrict__ mass64) {
+  const ReplayConsts c(sp);
   __m512i cc_changed = _mm512_setzero_si512(), cc_absorbed = cc_changed, cc_zero = cc_changed;
   uint64_t nf[3] = {0, 0, 0};
   int64_t j = 0;
   for (; j + 16 <= cnt; j += 16) {
-    replay16<false>(p16, ms, dl, j, 0xFFFF, m, c, cc_changed, cc_absorbed, cc_zero, nf, bins, mass);
+    replay16<false, SCALED>(p16, ms, dl, j, 0xFFFF, c, sc, cc_changed, cc_absorbed, cc_zero, nf,
+                            bins, mass32, mass64);
   }
   if (j < cnt) {
     const __mmask16 km = static_cast<__mmask16>((1u << (cnt - j)) - 1u);
-    replay16<true>(p16, ms, dl, j, km, m, c, cc_changed, cc_absorbed, cc_zero, nf, bins, mass);
+    replay16<true, SCALED>(p16, ms, dl, j, km, c, sc, cc_changed, cc_absorbed, cc_zero, nf, bins,
+                           mass32, mass64);
   }
   // lane counts stay far below 2^31 (a run is at most one block)
   counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_changed));

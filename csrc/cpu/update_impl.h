@@ -55,6 +55,28 @@ inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restric
 
 // One run of elements [i0, i1) (at most kUpdateBlock) with their random words r0/r1.
 // The update loop keeps the stored value before/after and u for the statistics.
+#if defined(GS_ISA_AVX512)
+// The master step into bf16 with nearest-even by the hand-written kernel
+// (replay_avx512.h), in sub-runs of 512 elements, each histogrammed right away: the
+// memory streams pause only briefly (the prefetches bridge that), not for a whole
+// block's histogram. mass: the run's slots of the block's mass buffer (fp32 masses
+// unless SCALED).
+template <bool SCALED>
+inline void master_bf16_avx512(uint16_t* p16, float* ms, const float* dl, int64_t cnt,
+                               const Spec& sp, const ReplayScale* scale, uint32_t* counts7,
+                               int8_t* bins, double* mass, int64_t* hist) {
+  constexpr int64_t kSub = 512;
+  for (int64_t s0 = 0; s0 < cnt; s0 += kSub) {
+    const int64_t sc = cnt - s0 < kSub ? cnt - s0 : kSub;
+    float* m32 = SCALED ? nullptr : reinterpret_cast<float*>(mass) + s0;
+    double* m64 = SCALED ? mass + s0 : nullptr;
+    replay_bf16_ne_avx512<SCALED>(p16 + s0, ms + s0, dl + s0, sc, sp, scale, counts7, bins + s0,
+                                  m32, m64);
+    histogram_bytes(bins + s0, sc, kHistBins, hist);
+  }
+}
+#endif
+
 // Returns true when it has also added the run's histogram to `hist` (otherwise the caller
 // counts `bins`).
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
@@ -79,17 +101,8 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   if (PATH == kMaster && SIMPLE && STATS > 0) {
 #if defined(GS_ISA_AVX512)
     if (ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
-      // Sub-runs of 1024 elements, each histogrammed right away: the memory streams
-      // pause only briefly (the hardware prefetcher bridges that), not for a whole
-      // block's histogram.
-      constexpr int64_t kSub = 512;
-      for (int64_t s0 = 0; s0 < cnt; s0 += kSub) {
-        const int64_t sc = cnt - s0 < kSub ? cnt - s0 : kSub;
-        int8_t* bs = bins + (i0 - blk0) + s0;
-        replay_bf16_ne_avx512(static_cast<uint16_t*>(param) + i0 + s0, ms + s0, dl + s0, sc,
-                              sp.m, counts7, bs, reinterpret_cast<float*>(mass) + (i0 - blk0) + s0);
-        histogram_bytes(bs, sc, kHistBins, hist);
-      }
+      master_bf16_avx512<false>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, nullptr,
+                                counts7, bins + (i0 - blk0), mass + (i0 - blk0), hist);
       return true;
     }
 #endif
@@ -170,6 +183,15 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       dfb[j] = pe != pf ? 1u : 0u;
     }
   } else if (PATH == kMaster) {
+#if defined(GS_ISA_AVX512)
+    if (STATS > 0 && ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
+      // The scaled master step (the optimizers' bf16 + fp32 master policy).
+      const ReplayScale scale(alpha, decay);
+      master_bf16_avx512<true>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, &scale,
+                               counts7, bins + (i0 - blk0), mass + (i0 - blk0), hist);
+      return true;
+    }
+#endif
 #pragma omp simd
     for (int64_t j = 0; j < cnt; ++j) {
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
