@@ -44,6 +44,13 @@ TORCH_LIBRARY(gatesim, m) {
       "apply_update(Tensor(a!) param, Tensor delta, Tensor(b!)? master, Tensor(c!)? comp, "
       "int[] fmt, int rmode, int sum_mode, float alpha, float decay, int seed, int offset, "
       "int step, bool stats) -> (Tensor, Tensor)");
+  // Adam's step direction from sqrt(v): out = (m * neg_step_size) / (root / bc2_sqrt + eps),
+  // each operation rounded to fp32 as torch's single-tensor Adam does them (scalars
+  // rounded to fp32 first). CPU only: torch's CUDA kernels divide by a scalar through its
+  // reciprocal, so on CUDA the optimizers keep torch's own ops.
+  m.def(
+      "adam_direction_out(Tensor exp_avg, Tensor root, float bc2_sqrt, float eps, "
+      "float neg_step_size, Tensor(a!) out) -> ()");
 }
 
 }  // namespace gatesim

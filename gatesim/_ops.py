@@ -62,3 +62,8 @@ def _apply_update_fake(param, delta, master, comp, fmt, rmode, sum_mode, alpha, 
     n_stats = 8 + 34  # see csrc/gatesim/update.h (Stat)
     return (param.new_empty((n_stats,), dtype=torch.int64),
             param.new_empty((1,), dtype=torch.float64))
+
+
+@torch.library.register_fake("gatesim::adam_direction_out")
+def _adam_direction_out_fake(exp_avg, root, bc2_sqrt, eps, neg_step_size, out):
+    return None

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from gatesim._ops import ops
 from gatesim.formats import FP32, Format, as_format
 from gatesim.precision import MODES, mode_index, quantize
 from gatesim.update import SUM_MODES, UpdateStats, apply_update
@@ -97,6 +98,19 @@ def _sqrt(x: torch.Tensor, torch_math: bool, out: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(x, out=out)
     # correctly rounded: sqrt in fp64 then one rounding to fp32 (53 >= 2 * 24 + 2)
     return out.copy_(x.double().sqrt_())
+
+
+def _direction(exp_avg: torch.Tensor, root: torch.Tensor, bc2_sqrt: float, eps: float,
+               step_size: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = (exp_avg * -step_size) / (root / bc2_sqrt + eps)``, every operation rounded
+    to fp32 as torch's single-tensor Adam does it (``addcdiv``'s ``(v * t1) / t2``). On the
+    CPU one fused pass instead of four (the same bits); on other devices torch's own ops,
+    whose bits differ there (CUDA divides by a scalar through its reciprocal)."""
+    if out.device.type == "cpu":
+        ops.adam_direction_out(exp_avg, root, bc2_sqrt, eps, -step_size, out)
+        return out
+    root.div_(bc2_sqrt).add_(eps)
+    return torch.mul(exp_avg, -step_size, out=out).div_(root)
 
 
 class _Emulated(torch.optim.Optimizer):
@@ -324,8 +338,8 @@ class EmulatedAdam(_Emulated):
                 step_size = lr / bias_correction1
                 bias_correction2_sqrt = bias_correction2 ** 0.5
                 denom, delta = self._scratch_pair(p)
-                _sqrt(exp_avg_sq, torch_math, out=denom).div_(bias_correction2_sqrt).add_(eps)
-                torch.mul(exp_avg, -step_size, out=delta).div_(denom)  # addcdiv's (v * t1) / t2
+                _direction(exp_avg, _sqrt(exp_avg_sq, torch_math, out=denom),
+                           bias_correction2_sqrt, eps, step_size, out=delta)
                 stats = self._write(p, delta, alpha=1.0, decay=decay, step=step - 1)
                 self._record(p, stats, step - 1)
         self._finish_step()

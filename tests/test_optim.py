@@ -192,3 +192,32 @@ def test_policy_errors():
                     policy=PrecisionPolicy(param_format="fp16"))
     with pytest.raises(ValueError, match="Nesterov"):
         EmulatedSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, nesterov=True)
+
+
+def test_fused_adam_direction_equals_torch_ops():
+    """gatesim.ops.adam_direction_out (CPU) gives the bits of torch's four ops, specials
+    included, for ragged lengths; bad input is refused."""
+    g = torch.Generator().manual_seed(11)
+    for n in (1, 17, 4099, 100_003):
+        m = torch.randn(n, generator=g) * 1e-3
+        v = torch.rand(n, generator=g) * 1e-6
+        m[::97], v[::89], v[::83], m[::79] = float("nan"), float("inf"), 0.0, float("-inf")
+        root = torch.sqrt(v)
+        for bc2, eps, ss in ((0.0316, 1e-8, 1e-3), (0.99995, 1e-6, 3.3e-4)):
+            want = torch.mul(m, -ss).div_(root.clone().div_(bc2).add_(eps))
+            out = torch.empty(n)
+            torch.ops.gatesim.adam_direction_out(m, root, bc2, eps, -ss, out)
+            assert_same_bits(out, want, f"n={n}")  # NaN payloads too
+            same = root.clone()
+            torch.ops.gatesim.adam_direction_out(m, same, bc2, eps, -ss, same)  # in place
+            assert torch.equal(same.view(torch.int32), out.view(torch.int32))
+    x = torch.ones(8)
+    with pytest.raises(ValueError, match="shapes differ"):
+        torch.ops.gatesim.adam_direction_out(x, torch.ones(7), 1.0, 1e-8, -1e-3, x.clone())
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.gatesim.adam_direction_out(x.double(), x, 1.0, 1e-8, -1e-3, x.clone())
+    buf = torch.ones(12)
+    with pytest.raises(ValueError, match="partially overlaps"):
+        torch.ops.gatesim.adam_direction_out(buf[:8], x, 1.0, 1e-8, -1e-3, buf[4:])
+    torch.library.opcheck(torch.ops.gatesim.adam_direction_out.default,
+                          (torch.randn(16), torch.rand(16), 0.5, 1e-8, -1e-3, torch.empty(16)))

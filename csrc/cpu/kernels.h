@@ -29,6 +29,8 @@ struct KernelTable {
   void (*apply_update)(const UpdatePtrs& t, const UpdateArgs& a, int path, int enc, bool stats,
                        int64_t b_begin, int64_t b_end, int64_t n, int64_t* counts,
                        double* block_mass);
+  void (*adam_direction)(const float* m, const float* root, float* out, int64_t begin,
+                         int64_t end, float bc2_sqrt, float eps, float neg_step_size);
 };
 
 extern const KernelTable kTableBase;

@@ -152,10 +152,20 @@ void random_bits_range(uint32_t* y, int64_t b, int64_t e, uint64_t seed, uint64_
   });
 }
 
+// (m * s) / (root / b + eps), three fp32 roundings and one more for the quotient, in
+// torch's order (no contraction: the build uses -ffp-contract=off). No aliasing
+// assumptions: out may be root or m itself (elementwise).
+void adam_direction_range(const float* m, const float* root, float* out, int64_t b, int64_t e,
+                          float bc2_sqrt, float eps, float s) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) out[i] = (m[i] * s) / (root[i] / bc2_sqrt + eps);
+}
+
 }  // namespace
 
-extern const KernelTable GS_TABLE = {GS_ISA_NAME,       quantize_range,    ulp_range,
-                                     absorbed_range,    random_bits_range, apply_update_range};
+extern const KernelTable GS_TABLE = {GS_ISA_NAME,       quantize_range,     ulp_range,
+                                     absorbed_range,    random_bits_range,  apply_update_range,
+                                     adam_direction_range};
 
 }  // namespace cpu
 }  // namespace gatesim

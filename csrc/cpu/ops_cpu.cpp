@@ -1,4 +1,5 @@
 // CPU kernels of the gatesim ops: argument checks, threading, ISA dispatch.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -202,6 +203,31 @@ TORCH_LIBRARY_FRAGMENT(gatesim, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 
+void adam_direction_out_cpu(const at::Tensor& exp_avg, const at::Tensor& root, double bc2_sqrt,
+                            double eps, double neg_step_size, at::Tensor& out) {
+  check_float_input(exp_avg, "exp_avg", at::kCPU);
+  check_float_input(root, "root", at::kCPU);
+  check_float_input(out, "out", at::kCPU);
+  for (const at::Tensor* t : {&root, static_cast<const at::Tensor*>(&out)}) {
+    TORCH_CHECK_VALUE(t->sizes() == exp_avg.sizes(), "adam_direction: shapes differ: ",
+                      exp_avg.sizes(), " and ", t->sizes());
+  }
+  // elementwise: out may be an input itself, but not overlap one partially
+  for (const at::Tensor* t : {&exp_avg, &root}) {
+    TORCH_CHECK_VALUE(at::get_overlap_status(out, *t) != at::MemOverlapStatus::Partial,
+                      "adam_direction: out partially overlaps an input");
+  }
+  const float* mp = exp_avg.const_data_ptr<float>();
+  const float* rp = root.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  // torch rounds a Python scalar to the tensor's dtype before the operation
+  const float b = static_cast<float>(bc2_sqrt), e = static_cast<float>(eps),
+              s = static_cast<float>(neg_step_size);
+  const KernelTable& t = table();
+  parallel_ieee(0, exp_avg.numel(), kGrain,
+                [&](int64_t lo, int64_t hi) { t.adam_direction(mp, rp, op, lo, hi, b, e, s); });
+}
+
 TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
   m.impl("quantize", &quantize_cpu);
   m.impl("quantize_out", &quantize_out_cpu);
@@ -209,6 +235,7 @@ TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
   m.impl("absorbed", &absorbed_cpu);
   m.impl("random_bits_out", &random_bits_out_cpu);
   m.impl("apply_update", &apply_update_cpu);
+  m.impl("adam_direction_out", &adam_direction_out_cpu);
 }
 
 }  // namespace cpu
