@@ -53,27 +53,21 @@ inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restric
   counts7[6] += c6;
 }
 
-// One run of elements [i0, i1) (at most kUpdateBlock) with their random words r0/r1.
+// One run of elements [i0, i1) (at most kRun, inside one block) with their random words r0/r1.
 // The update loop keeps the stored value before/after and u for the statistics.
+// Elements per run of update_run (see update_blocks).
+constexpr int64_t kRun = 512;
+
 #if defined(GS_ISA_AVX512)
 // The master step into bf16 with nearest-even by the hand-written kernel
-// (replay_avx512.h), in sub-runs of 512 elements, each histogrammed right away: the
-// memory streams pause only briefly (the prefetches bridge that), not for a whole
-// block's histogram. mass: the run's slots of the block's mass buffer (fp32 masses
-// unless SCALED).
+// (replay_avx512.h), its histogram counted right away. m32 / m64: the run's slots of the
+// block's mass buffer (fp32 masses, or fp64 ones when SCALED).
 template <bool SCALED>
 inline void master_bf16_avx512(uint16_t* p16, float* ms, const float* dl, int64_t cnt,
                                const Spec& sp, const ReplayScale* scale, uint32_t* counts7,
-                               int8_t* bins, double* mass, int64_t* hist) {
-  constexpr int64_t kSub = 512;
-  for (int64_t s0 = 0; s0 < cnt; s0 += kSub) {
-    const int64_t sc = cnt - s0 < kSub ? cnt - s0 : kSub;
-    float* m32 = SCALED ? nullptr : reinterpret_cast<float*>(mass) + s0;
-    double* m64 = SCALED ? mass + s0 : nullptr;
-    replay_bf16_ne_avx512<SCALED>(p16 + s0, ms + s0, dl + s0, sc, sp, scale, counts7, bins + s0,
-                                  m32, m64);
-    histogram_bytes(bins + s0, sc, kHistBins, hist);
-  }
+                               int8_t* bins, float* m32, double* m64, int64_t* hist) {
+  replay_bf16_ne_avx512<SCALED>(p16, ms, dl, cnt, sp, scale, counts7, bins, m32, m64);
+  histogram_bytes(bins, cnt, kHistBins, hist);
 }
 #endif
 
@@ -96,13 +90,14 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   const int64_t cnt = i1 - i0;
   // STATS: 1 on, 0 off, -1 decided at run time (generic paths).
   const bool stats = STATS < 0 ? stats_rt : STATS > 0;
-  alignas(64) uint32_t pob[kUpdateBlock], pnb[kUpdateBlock], dfb[kUpdateBlock];
-  alignas(64) double ub[kUpdateBlock];
+  alignas(64) uint32_t pob[kRun], pnb[kRun], dfb[kRun];
+  alignas(64) double ub[kRun];
   if (PATH == kMaster && SIMPLE && STATS > 0) {
 #if defined(GS_ISA_AVX512)
     if (ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
       master_bf16_avx512<false>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, nullptr,
-                                counts7, bins + (i0 - blk0), mass + (i0 - blk0), hist);
+                                counts7, bins + (i0 - blk0),
+                                reinterpret_cast<float*>(mass) + (i0 - blk0), nullptr, hist);
       return true;
     }
 #endif
@@ -112,7 +107,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // Bins go out as 32-bit values and are packed to bytes after the loop: an int8 store
     // in the loop makes the vectorizer take 64 elements per iteration (four vectors of
     // every 32-bit value), and the loop then spills registers to the stack.
-    alignas(64) int32_t bn[kUpdateBlock];
+    alignas(64) int32_t bn[kRun];
     float* __restrict__ ma = reinterpret_cast<float*>(mass) + (i0 - blk0);
 #pragma omp simd reduction(+ : c0, c1, c2, c3, c4, c5)
     for (int64_t j = 0; j < cnt; ++j) {
@@ -188,7 +183,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       // The scaled master step (the optimizers' bf16 + fp32 master policy).
       const ReplayScale scale(alpha, decay);
       master_bf16_avx512<true>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, &scale,
-                               counts7, bins + (i0 - blk0), mass + (i0 - blk0), hist);
+                               counts7, bins + (i0 - blk0), nullptr, mass + (i0 - blk0), hist);
       return true;
     }
 #endif
@@ -270,8 +265,8 @@ inline double block_tree_sum(T* __restrict__ m, int64_t len) {
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
 void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t b_begin,
                    int64_t b_end, int64_t n, int64_t* counts, double* block_mass) {
-  // Per-block scratch (about 100 KB): one update_run covers the whole block, so the
-  // vector loops run long and their set-up cost vanishes.
+  // Per-block scratch: bins, masses and random words of the whole block (the mass tree
+  // and the stream blocks span it); update_run works through it in runs of kRun.
   alignas(64) int8_t bins[kUpdateBlock];
   alignas(64) double mass[kUpdateBlock];
   alignas(64) uint32_t r0[kUpdateBlock + 64];
@@ -294,9 +289,17 @@ void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t
       }
     }
     uint32_t counts7[7] = {0, 0, 0, 0, 0, 0, 0};
-    const bool hist_done = update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(
-        t, a, stats, blk0, blk1, r0 + skip, r1 + skip, blk0, counts7, bins, mass,
-        local + kStatHist0);
+    // Runs of kRun elements: a run's scratch (values before/after, u: 20 bytes per
+    // element) stays in L1, and the memory streams pause only briefly between runs.
+    // (Every run of a block takes the same path, so either all or none of them count
+    // their histogram themselves.)
+    bool hist_done = true;
+    for (int64_t s0 = blk0; s0 < blk1; s0 += kRun) {
+      const int64_t s1 = (s0 + kRun) < blk1 ? (s0 + kRun) : blk1;
+      hist_done &= update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(
+          t, a, stats, s0, s1, r0 + skip + (s0 - blk0), r1 + skip + (s0 - blk0), blk0, counts7,
+          bins, mass, local + kStatHist0);
+    }
     if (!stats) continue;
     local[kStatN] += len;
     for (int f = 0; f < 7; ++f) local[kStatChanged + f] += counts7[f];
