@@ -103,9 +103,9 @@ def test_storage_nearest_fast_paths_equal_twin(data, fmt, sum_mode, as_dtype):
 @given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
 def test_replay_step_fast_path_equals_twin(data, n):
     """The master step into bf16 with nearest-even (the replay step: alpha 1, no decay; and
-    the optimizers' scaled step) has a hand-written AVX-512 kernel; held to the twin on
-    ragged lengths (16-lane tails, 512-element sub-runs, 4096-element blocks) with every
-    special value sprinkled in."""
+    the optimizers' scaled step; bf16 storage or bf16 values in fp32) has a hand-written
+    AVX-512 kernel; held to the twin on ragged lengths (16-lane tails, 512-element runs,
+    4096-element blocks) with every special value sprinkled in."""
     fmt = gatesim.BF16
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
     specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38,
@@ -125,9 +125,13 @@ def test_replay_step_fast_path_equals_twin(data, n):
     d = sprinkle(d.astype(np.float32), frac)
     alpha = data.draw(st.sampled_from([1.0, -0.01, 3.0]))
     decay = data.draw(st.sampled_from([1.0, 0.999, 0.5, 0.0]))
+    as_dtype = data.draw(st.booleans())  # bf16 tensor, or bf16 values in an fp32 tensor
+    if not as_dtype and data.draw(st.booleans()):
+        p32.view(np.uint32)[::7] |= 1  # some stored values not in the format
     with np.errstate(all="ignore"):
         param, m_t, _, stats, (pn, mn, _, counts, mass) = run_both(
-            p32, d, fmt, "nearest_even", "master", "exact", alpha, decay, None, 0, 0, True, master)
+            p32, d, fmt, "nearest_even", "master", "exact", alpha, decay, None, 0, 0, as_dtype,
+            master)
     assert_same_bits(param.float(), pn, "param", any_nan=True)
     assert_same_bits(m_t, mn, "master")
     assert stats == UpdateStats.from_op(torch.from_numpy(counts),

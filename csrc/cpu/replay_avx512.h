@@ -69,6 +69,7 @@ struct ReplayConsts {
   __m512i zero32 = _mm512_setzero_si512();
   __m512i top32 = _mm512_set1_epi32(kHistBins - 1);
   __m512i none32 = _mm512_set1_epi32(-1);
+  __m512i lo16 = _mm512_set1_epi32(0xFFFF);
   __m256i abs16 = _mm256_set1_epi16(0x7FFF);
   __m256i exp16 = _mm256_set1_epi16(0x7F80);
   __m256i ff16 = _mm256_set1_epi16(0xFF);
@@ -92,21 +93,33 @@ inline __m512 canon_ps(__m512 x, const ReplayConsts& c) {
   return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(c.qnan));
 }
 
-template <bool TAIL, bool SCALED>
+template <bool TAIL, bool SCALED, bool F32>
 inline __attribute__((always_inline)) void replay16(
-    uint16_t* __restrict__ p16, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
+    void* __restrict__ pp, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
     __mmask16 km, const ReplayConsts& c, const ReplayScale* sc, __m512i& cc_changed,
     __m512i& cc_absorbed, __m512i& cc_zero, uint64_t* nf, int8_t* __restrict__ bins,
     float* __restrict__ mass32, double* __restrict__ mass64) {
+  uint16_t* __restrict__ p16 = static_cast<uint16_t*>(pp);
+  uint32_t* __restrict__ p32 = static_cast<uint32_t*>(pp);
   if (!TAIL) {
     _mm_prefetch(reinterpret_cast<const char*>(ms + j + kPrefetch), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T0);
-    if ((j & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p16 + j + kPrefetch), _MM_HINT_T0);
+    if (F32) _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T0);
+    else if ((j & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p16 + j + kPrefetch), _MM_HINT_T0);
   }
   const __m512 mv = TAIL ? _mm512_maskz_loadu_ps(km, ms + j) : _mm512_loadu_ps(ms + j);
   const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);
-  const __m256i po = TAIL ? _mm256_maskz_loadu_epi16(km, p16 + j)
-                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p16 + j));
+  // The stored values as bf16 codes. F32: a bf16 value held in an fp32 tensor; one with
+  // non-zero low bits (not a value of the format) takes the rare path.
+  __m512i po32 = _mm512_setzero_si512();
+  __m256i po;
+  if (F32) {
+    po32 = TAIL ? _mm512_maskz_loadu_epi32(km, p32 + j) : _mm512_loadu_si512(p32 + j);
+    po = _mm512_cvtepi32_epi16(_mm512_srli_epi32(po32, 16));
+  } else {
+    po = TAIL ? _mm256_maskz_loadu_epi16(km, p16 + j)
+              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p16 + j));
+  }
   // the new master in fp32, NaN made canonical: m + delta, or fma(alpha, delta, m * decay)
   const __m512 m2 = SCALED ? canon_ps(_mm512_fmadd_ps(sc->alpha, dv, canon_ps(_mm512_mul_ps(mv, sc->decay), c)), c)
                            : canon_ps(_mm512_add_ps(mv, dv), c);
@@ -118,8 +131,15 @@ inline __attribute__((always_inline)) void replay16(
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), c.one32);
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, c.rne_bias), lsb), 16);
   const __m256i pn = _mm512_cvtepi32_epi16(r);
-  if (TAIL) _mm256_mask_storeu_epi16(p16 + j, km, pn);
-  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), pn);
+  if (F32) {
+    const __m512i pn32 = _mm512_slli_epi32(r, 16);
+    if (TAIL) _mm512_mask_storeu_epi32(p32 + j, km, pn32);
+    else _mm512_storeu_si512(p32 + j, pn32);
+  } else if (TAIL) {
+    _mm256_mask_storeu_epi16(p16 + j, km, pn);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), pn);
+  }
 
   // changed: stored bits differ, +0 == -0 (a NaN stored before: rare path below)
   const __mmask16 same = _mm256_cmpeq_epi16_mask(po, pn) |
@@ -155,18 +175,20 @@ inline __attribute__((always_inline)) void replay16(
   }
   // Rare: a subnormal or non-finite delta (one fpclass: NaN, inf, denormal), a
   // non-finite value stored before (exponent field all ones) or after (r >= inf).
-  const __mmask16 rare =
-      (_mm512_fpclass_ps_mask(dv, 0xB9) |
-       _mm256_cmpeq_epi16_mask(_mm256_and_si256(po, c.exp16), c.exp16) |
-       _mm512_cmpge_epu32_mask(_mm512_and_si512(r, c.abs_hi16), c.inf_hi16)) & km;
+  __mmask16 rare = _mm512_fpclass_ps_mask(dv, 0xB9) |
+                   _mm256_cmpeq_epi16_mask(_mm256_and_si256(po, c.exp16), c.exp16) |
+                   _mm512_cmpge_epu32_mask(_mm512_and_si512(r, c.abs_hi16), c.inf_hi16);
+  if (F32) rare |= _mm512_test_epi32_mask(po32, c.lo16);
+  rare &= km;
   if (__builtin_expect(rare != 0, 0)) {
     alignas(32) uint16_t pob[16], pnb[16];
-    alignas(64) uint32_t dbb[16];
+    alignas(64) uint32_t dbb[16], o32[16];
     alignas(64) double ub[16];
     alignas(16) int8_t kb[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
     _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
     _mm512_store_si512(dbb, db);
+    _mm512_store_si512(o32, po32);
     if (SCALED) {
       _mm512_store_pd(ub, u_lo);
       _mm512_store_pd(ub + 8, u_hi);
@@ -174,7 +196,7 @@ inline __attribute__((always_inline)) void replay16(
     _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
     for (int l = 0; l < 16; ++l) {
       if (!((rare >> l) & 1u)) continue;
-      const uint32_t o = static_cast<uint32_t>(pob[l]) << 16;
+      const uint32_t o = F32 ? o32[l] : static_cast<uint32_t>(pob[l]) << 16;
       const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
       const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
       const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
@@ -205,11 +227,12 @@ inline __attribute__((always_inline)) void replay16(
   }
 }
 
-// Elements [0, cnt) of one run; p16 is the bf16 parameter (read, then written), ms the
-// master (read, then written), dl the delta; sp the format (bf16). sc: the scaled step
-// (fp64 masses into mass64), or null for alpha = 1 without decay (fp32 masses into mass32).
-template <bool SCALED>
-inline void replay_bf16_ne_avx512(uint16_t* __restrict__ p16, float* __restrict__ ms,
+// Elements [0, cnt) of one run; pp is the parameter, bf16 codes or (F32) bf16 values in
+// fp32 (read, then written), ms the master (read, then written), dl the delta; sp the
+// format (bf16). sc: the scaled step (fp64 masses into mass64), or null for alpha = 1
+// without decay (fp32 masses into mass32).
+template <bool SCALED, bool F32>
+inline void replay_bf16_ne_avx512(void* __restrict__ pp, float* __restrict__ ms,
                                   const float* __restrict__ dl, int64_t cnt, const Spec& sp,
                                   const ReplayScale* sc, uint32_t* __restrict__ counts7,
                                   int8_t* __restrict__ bins, float* __restrict__ mass32,
@@ -219,13 +242,13 @@ inline void replay_bf16_ne_avx512(uint16_t* __restrict__ p16, float* __restrict_
   uint64_t nf[3] = {0, 0, 0};
   int64_t j = 0;
   for (; j + 16 <= cnt; j += 16) {
-    replay16<false, SCALED>(p16, ms, dl, j, 0xFFFF, c, sc, cc_changed, cc_absorbed, cc_zero, nf,
-                            bins, mass32, mass64);
+    replay16<false, SCALED, F32>(pp, ms, dl, j, 0xFFFF, c, sc, cc_changed, cc_absorbed, cc_zero,
+                                 nf, bins, mass32, mass64);
   }
   if (j < cnt) {
     const __mmask16 km = static_cast<__mmask16>((1u << (cnt - j)) - 1u);
-    replay16<true, SCALED>(p16, ms, dl, j, km, c, sc, cc_changed, cc_absorbed, cc_zero, nf, bins,
-                           mass32, mass64);
+    replay16<true, SCALED, F32>(pp, ms, dl, j, km, c, sc, cc_changed, cc_absorbed, cc_zero, nf,
+                                bins, mass32, mass64);
   }
   // lane counts stay far below 2^31 (a run is at most one block)
   counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_changed));

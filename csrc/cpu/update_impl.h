@@ -62,11 +62,14 @@ constexpr int64_t kRun = 512;
 // The master step into bf16 with nearest-even by the hand-written kernel
 // (replay_avx512.h), its histogram counted right away. m32 / m64: the run's slots of the
 // block's mass buffer (fp32 masses, or fp64 ones when SCALED).
-template <bool SCALED>
-inline void master_bf16_avx512(uint16_t* p16, float* ms, const float* dl, int64_t cnt,
+template <bool SCALED, int ENC>
+inline void master_bf16_avx512(void* param, int64_t i0, float* ms, const float* dl, int64_t cnt,
                                const Spec& sp, const ReplayScale* scale, uint32_t* counts7,
                                int8_t* bins, float* m32, double* m64, int64_t* hist) {
-  replay_bf16_ne_avx512<SCALED>(p16, ms, dl, cnt, sp, scale, counts7, bins, m32, m64);
+  constexpr bool F32 = ENC == kEncF32;
+  void* pp = F32 ? static_cast<void*>(static_cast<uint32_t*>(param) + i0)
+                 : static_cast<void*>(static_cast<uint16_t*>(param) + i0);
+  replay_bf16_ne_avx512<SCALED, F32>(pp, ms, dl, cnt, sp, scale, counts7, bins, m32, m64);
   histogram_bytes(bins, cnt, kHistBins, hist);
 }
 #endif
@@ -94,8 +97,8 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   alignas(64) double ub[kRun];
   if (PATH == kMaster && SIMPLE && STATS > 0) {
 #if defined(GS_ISA_AVX512)
-    if (ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
-      master_bf16_avx512<false>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, nullptr,
+    if ((ENC == kEncHi16 || ENC == kEncF32) && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
+      master_bf16_avx512<false, ENC>(param, i0, ms, dl, cnt, sp, nullptr,
                                 counts7, bins + (i0 - blk0),
                                 reinterpret_cast<float*>(mass) + (i0 - blk0), nullptr, hist);
       return true;
@@ -179,10 +182,11 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     }
   } else if (PATH == kMaster) {
 #if defined(GS_ISA_AVX512)
-    if (STATS > 0 && ENC == kEncHi16 && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
+    if (STATS > 0 && (ENC == kEncHi16 || ENC == kEncF32) && MODE == kNearestEven && sp.fast_ne &&
+        sp.m == 7) {
       // The scaled master step (the optimizers' bf16 + fp32 master policy).
       const ReplayScale scale(alpha, decay);
-      master_bf16_avx512<true>(static_cast<uint16_t*>(param) + i0, ms, dl, cnt, sp, &scale,
+      master_bf16_avx512<true, ENC>(param, i0, ms, dl, cnt, sp, &scale,
                                counts7, bins + (i0 - blk0), nullptr, mass + (i0 - blk0), hist);
       return true;
     }
