@@ -28,12 +28,6 @@ namespace gatesim {
 namespace cpu {
 namespace {
 
-// Software prefetch distance, in elements (4 KB of master, 4 KB of delta ahead). The
-// statistics make the loop stop for its histogram and mass tree after every run; data
-// requested this far ahead is in flight during those pauses, which the hardware
-// prefetcher alone does not bridge (1 thread: 16.5 -> 15 ms on 4096 x 4096). A prefetch
-// past the end of a buffer is harmless: prefetches never fault.
-constexpr int64_t kPrefetch = 1024;
 
 // The scaled step (EmulatedAdam's and SGD's: m <- fl32(alpha * delta + fl32(m * decay)))
 // needs the fp64 update u = alpha * delta + (decay - 1) * m for its statistics, exactly as
