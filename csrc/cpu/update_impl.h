@@ -15,7 +15,6 @@
 #if defined(GS_ISA_AVX512)
 #include "cpu/replay_avx512.h"
 #include "cpu/stats_avx512.h"
-#include "cpu/storage_avx512.h"
 #endif
 
 namespace gatesim {
@@ -157,13 +156,6 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // exact sum is rounded to odd into fp32 first (24 >= m + 2 bits at every magnitude,
     // since every format lies inside fp32's range), then to the format.
     constexpr bool NARROW_NE = !SIMPLE && MODE == kNearestEven;
-#if defined(GS_ISA_AVX512)
-    if (FP32NE && STATS > 0) {  // the all-fp32 optimizer policy: one fused pass
-      storage_fp32_ne_avx512(static_cast<uint32_t*>(param) + i0, dl, cnt, a, counts7,
-                             bins + (i0 - blk0), mass + (i0 - blk0));
-      return false;
-    }
-#endif
     const uint32_t exact = a.sum_mode == kSumExact ? 1u : 0u;
 #pragma omp simd
     for (int64_t j = 0; j < cnt; ++j) {
