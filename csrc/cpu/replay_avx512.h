@@ -240,7 +240,7 @@ inline void replay_bf16_ne_avx512(void* __restrict__ pp, float* __restrict__ ms,
                                  nf, bins, mass32, mass64);
   }
   if (j < cnt) {
-    const __mmask16 km = static_cast<__mmask16>((1u << (cnt - j)) - 1u);
+    const __mmask16 km = tail_mask(cnt - j);
     replay16<true, SCALED, F32>(pp, ms, dl, j, km, c, sc, cc_changed, cc_absorbed, cc_zero, nf,
                                 bins, mass32, mass64);
   }

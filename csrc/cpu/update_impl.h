@@ -53,10 +53,15 @@ inline void stats_run(const uint32_t* __restrict__ po, const uint32_t* __restric
   counts7[6] += c6;
 }
 
-// One run of elements [i0, i1) (at most kRun, inside one block) with their random words r0/r1.
-// The update loop keeps the stored value before/after and u for the statistics.
 // Elements per run of update_run (see update_blocks).
 constexpr int64_t kRun = 512;
+
+// Whether the hand-written master kernel (replay_avx512.h) serves this step: bf16 values
+// (bf16 storage or fp32 holding them), nearest-even.
+template <int MODE, int ENC>
+inline bool bf16_master_kernel_applies(const Spec& sp) {
+  return (ENC == kEncHi16 || ENC == kEncF32) && MODE == kNearestEven && sp.fast_ne && sp.m == 7;
+}
 
 #if defined(GS_ISA_AVX512)
 // The master step into bf16 with nearest-even by the hand-written kernel
@@ -74,6 +79,8 @@ inline void master_bf16_avx512(void* param, int64_t i0, float* ms, const float* 
 }
 #endif
 
+// One run of elements [i0, i1) (at most kRun, inside one block) with their random words r0/r1.
+// The update loop keeps the stored value before/after and u for the statistics.
 // Returns true when it has also added the run's histogram to `hist` (otherwise the caller
 // counts `bins`).
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
@@ -97,7 +104,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
   alignas(64) double ub[kRun];
   if (PATH == kMaster && SIMPLE && STATS > 0) {
 #if defined(GS_ISA_AVX512)
-    if ((ENC == kEncHi16 || ENC == kEncF32) && MODE == kNearestEven && sp.fast_ne && sp.m == 7) {
+    if (bf16_master_kernel_applies<MODE, ENC>(sp)) {
       master_bf16_avx512<false, ENC>(param, i0, ms, dl, cnt, sp, nullptr,
                                 counts7, bins + (i0 - blk0),
                                 reinterpret_cast<float*>(mass) + (i0 - blk0), nullptr, hist);
@@ -182,8 +189,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     }
   } else if (PATH == kMaster) {
 #if defined(GS_ISA_AVX512)
-    if (STATS > 0 && (ENC == kEncHi16 || ENC == kEncF32) && MODE == kNearestEven && sp.fast_ne &&
-        sp.m == 7) {
+    if (STATS > 0 && bf16_master_kernel_applies<MODE, ENC>(sp)) {
       // The scaled master step (the optimizers' bf16 + fp32 master policy).
       const ReplayScale scale(alpha, decay);
       master_bf16_avx512<true, ENC>(param, i0, ms, dl, cnt, sp, &scale,
