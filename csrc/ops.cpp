@@ -51,6 +51,15 @@ TORCH_LIBRARY(gatesim, m) {
   m.def(
       "adam_direction_out(Tensor exp_avg, Tensor root, float bc2_sqrt, float eps, "
       "float neg_step_size, Tensor(a!) out) -> ()");
+  // One Adam/AdamW step in one pass (CUDA only): the moments as torch's lerp_/mul_/addcmul_
+  // (variant: which of torch's equivalent formulas, calibrated by gatesim.optim), the
+  // direction as above and apply_update's write with alpha = 1. coef = [1 - beta1, beta2,
+  // 1 - beta2, sqrt(bias_correction2), eps, -step_size]; state_fmt empty: fp32 moments.
+  m.def(
+      "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? master, Tensor(e!)? comp, int[] fmt, int[] state_fmt, int rmode, "
+      "int sum_mode, float[] coef, int variant, float decay, int seed, int offset, int step, "
+      "bool stats) -> (Tensor, Tensor)");
 }
 
 }  // namespace gatesim

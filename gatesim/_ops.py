@@ -64,6 +64,13 @@ def _apply_update_fake(param, delta, master, comp, fmt, rmode, sum_mode, alpha, 
             param.new_empty((1,), dtype=torch.float64))
 
 
+@torch.library.register_fake("gatesim::adam_step")
+def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, master, comp, fmt, state_fmt, rmode,
+                    sum_mode, coef, variant, decay, seed, offset, step, stats):
+    return _apply_update_fake(param, grad, master, comp, fmt, rmode, sum_mode, 1.0, decay,
+                              seed, offset, step, stats)
+
+
 @torch.library.register_fake("gatesim::adam_direction_out")
 def _adam_direction_out_fake(exp_avg, root, bc2_sqrt, eps, neg_step_size, out):
     return None

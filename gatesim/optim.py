@@ -26,6 +26,7 @@ import json
 import os
 from typing import Callable, Iterable, Optional, Union
 
+import numpy as np
 import torch
 
 from gatesim._ops import ops
@@ -113,6 +114,62 @@ def _direction(exp_avg: torch.Tensor, root: torch.Tensor, bc2_sqrt: float, eps: 
     return torch.mul(exp_avg, -step_size, out=out).div_(root)
 
 
+_ADAM_VARIANTS: dict = {}
+
+
+def _adam_reference(grad, m, v, coef, step_size, bc2_sqrt, eps):
+    """Adam's moments and direction with torch's own ops, as EmulatedAdam.step does them."""
+    w1, beta2, a2 = coef[0], coef[1], coef[2]
+    m.lerp_(grad, w1)
+    v.mul_(beta2).addcmul_(grad, grad, value=a2)
+    return _direction(m, torch.sqrt(v), bc2_sqrt, eps, step_size, out=torch.empty_like(v))
+
+
+def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[int]:
+    """Which of torch's equivalent fp32 formulas of ``lerp_``, ``addcmul_`` and the division
+    by a scalar the fused CUDA Adam step (``torch.ops.gatesim.adam_step``) must use to give
+    the bits of torch's own ops on ``device`` (whether nvcc contracted ``a + w * b`` into
+    an fma in this build of torch, ...). Found once per device by running all 16 variants
+    and torch's ops on a probe of 65536 values of many magnitudes; ``None`` when no variant
+    matches, and the optimizers then keep torch's ops. ``large_weight``: probe lerp's branch
+    for weights ``1 - beta1 >= 0.5``."""
+    device = torch.device(device)
+    key = (device.type, device.index, bool(large_weight))
+    if key in _ADAM_VARIANTS:
+        return _ADAM_VARIANTS[key]
+    found = None
+    if device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "gatesim::adam_step", "CUDA"):
+        g = torch.Generator().manual_seed(0)
+        n = 1 << 16
+
+        def wide(scale):
+            mag = 10.0 ** torch.randint(-6, 3, (n,), generator=g).float()
+            return torch.randn(n, generator=g) * mag * scale
+
+        grad, m0 = wide(1e-2), wide(1e-2)
+        v0 = wide(1e-3) ** 2
+        beta1, beta2, lr, eps, step = (0.3 if large_weight else 0.9), 0.999, 1e-3, 1e-8, 3
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        coef = [1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps, -step_size]
+        grad, m0, v0 = grad.to(device), m0.to(device), v0.to(device)
+        m_ref, v_ref = m0.clone(), v0.clone()
+        d_ref = _adam_reference(grad, m_ref, v_ref, coef, step_size, bc2_sqrt, eps)
+        for variant in range(16):
+            p, m, v = torch.zeros_like(grad), m0.clone(), v0.clone()
+            # fp32 storage of p = 0 with decay 1 stores the direction itself
+            ops.adam_step(p, grad, m, v, None, None, FP32.op_args(), [], 0, 1, coef, variant,
+                          1.0, 0, 0, 0, False)
+            if (torch.equal(m.view(torch.int32), m_ref.view(torch.int32)) and
+                    torch.equal(v.view(torch.int32), v_ref.view(torch.int32)) and
+                    torch.equal(p, d_ref)):
+                found = variant
+                break
+    _ADAM_VARIANTS[key] = found
+    return found
+
+
 class _Emulated(torch.optim.Optimizer):
     """Shared machinery: parameter names, storage, state rounding, stats and the log."""
 
@@ -148,6 +205,9 @@ class _Emulated(torch.optim.Optimizer):
         self.update_hook: Optional[Callable[[str, torch.Tensor, float, float, int], None]] = None
         self._log = open(log, "a", encoding="utf-8") if log is not None else None
         self._steps = 0
+        #: Use the one-pass CUDA Adam step where it gives torch's bits (see
+        #: :func:`adam_variant`); False keeps torch's separate ops (tests compare the two).
+        self.fused = True
 
     # -- storage -------------------------------------------------------------------
     def _format(self, p: torch.Tensor) -> Format:
@@ -331,12 +391,18 @@ class EmulatedAdam(_Emulated):
                     else:
                         grad = grad.add(self._weights(p), alpha=wd)
                 exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
-                self._round_state(exp_avg.lerp_(grad, 1 - beta1))
-                self._round_state(exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
                 bias_correction1 = 1 - beta1 ** step
                 bias_correction2 = 1 - beta2 ** step
                 step_size = lr / bias_correction1
                 bias_correction2_sqrt = bias_correction2 ** 0.5
+                coef = [1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps, -step_size]
+                variant = self._fused_variant(p, grad, abs(1 - beta1) >= 0.5)
+                if variant is not None:
+                    stats = self._write_adam(p, grad, coef, variant, decay, step - 1)
+                    self._record(p, stats, step - 1)
+                    continue
+                self._round_state(exp_avg.lerp_(grad, 1 - beta1))
+                self._round_state(exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
                 denom, delta = self._scratch_pair(p)
                 _direction(exp_avg, _sqrt(exp_avg_sq, torch_math, out=denom),
                            bias_correction2_sqrt, eps, step_size, out=delta)
@@ -344,6 +410,31 @@ class EmulatedAdam(_Emulated):
                 self._record(p, stats, step - 1)
         self._finish_step()
         return loss
+
+
+    def _fused_variant(self, p: torch.Tensor, grad: torch.Tensor,
+                       large_weight: bool) -> Optional[int]:
+        """The calibrated variant of the one-pass CUDA step, or None for torch's ops (CPU
+        tensors, an update hook that needs the delta, or no variant matched torch)."""
+        if not (self.fused and p.is_cuda and self.update_hook is None and grad.is_contiguous()):
+            return None
+        return adam_variant(p.device, large_weight)
+
+    def _write_adam(self, p: torch.Tensor, grad: torch.Tensor, coef: list, variant: int,
+                    decay: float, step: int) -> UpdateStats:
+        """The moments, the direction and the parameter write in one CUDA pass: the same
+        bits as torch's lerp_/mul_/addcmul_, _direction and apply_update."""
+        pol = self.policy
+        st = self.state[p]
+        stochastic = pol.mode == "stochastic"
+        state_fmt = [] if pol.state_format == FP32 else pol.state_format.op_args()
+        counts, mass = ops.adam_step(
+            p.data, grad, st["exp_avg"], st["exp_avg_sq"], st.get("master"),
+            st.get("compensation"), self._format(p).op_args(), state_fmt, mode_index(pol.mode),
+            SUM_MODES.index(pol.sum), [float(c) for c in coef], variant,
+            float(np.float32(decay)), pol.seed if stochastic else 0,
+            self._offsets[id(p)] if stochastic else 0, step, True)
+        return UpdateStats.from_op(counts, mass)
 
 
 class EmulatedAdamW(EmulatedAdam):

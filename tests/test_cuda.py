@@ -161,3 +161,110 @@ def test_cuda_errors_name_the_problem():
         gatesim.quantize(x, "bf16", out=torch.empty(8))
     with pytest.raises(ValueError, match="delta is on"):
         gatesim.apply_update(x, torch.randn(8))
+
+
+@pytest.mark.parametrize("mode", ["nearest_even", "stochastic", "toward_zero", "up"])
+@pytest.mark.parametrize("fmt", [gatesim.BF16, gatesim.TF32, gatesim.FP32], ids=str)
+def test_vectorized_quantize_paths_match_cpu(fmt, mode):
+    """The 256-element vector kernel and the general kernel on the tail: aligned and
+    misaligned buffers, offsets that do and do not start a Philox block."""
+    x = hard_values(256 * 37 + 13 + 1, seed=11)
+    xg = x.cuda()
+    for view in (slice(0, None), slice(1, None)):  # [1:] is not 16-byte aligned
+        for offset in (0, 64, 128, 11):
+            sr = mode == "stochastic"
+            for rb in ((None, 5, 16, 32) if sr else (None,)):
+                kw = dict(seed=77, offset=offset, rand_bits=rb) if sr else {}
+                cpu = gatesim.quantize(x[view], fmt, mode, **kw)
+                gpu = gatesim.quantize(xg[view], fmt, mode, **kw).cpu()
+                assert_same_bits(gpu, cpu, f"{fmt} {mode} {view} {offset} {rb}")
+                if fmt == gatesim.BF16:
+                    a = gatesim.to_dtype(x[view], torch.bfloat16, mode, **kw)
+                    b = gatesim.to_dtype(xg[view], torch.bfloat16, mode, **kw).cpu()
+                    assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (view, offset, rb)
+
+
+@pytest.mark.parametrize("fmt,mode,policy", [
+    (gatesim.FP16, "toward_zero", "storage"), (gatesim.BF16, "stochastic", "storage"),
+    (gatesim.BF16, "nearest_even", "kahan"), (gatesim.FP32, "nearest_even", "storage"),
+    (gatesim.E4M3FN, "nearest_even", "storage")])
+def test_apply_update_many_blocks_match_cpu(fmt, mode, policy):
+    """Enough statistics blocks that every CUDA block loops over several (and flushes its
+    histogram counters more than once)."""
+    n = 2_000_003
+    g = torch.Generator().manual_seed(21)
+    w = gatesim.quantize(torch.randn(n, generator=g) * 0.02, fmt)
+    d = torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, -1, (n,), generator=g).float()
+    out = []
+    for dev in ("cpu", "cuda"):
+        p = w.clone().to(fmt.torch_dtype).to(dev)
+        kw = dict(mode=mode, seed=5, offset=3, step=2, decay=0.999, sum="exact")
+        if policy == "kahan":
+            kw["compensation"] = torch.zeros_like(p)
+        s = gatesim.apply_update(p, d.to(dev), **kw)
+        raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[p.element_size()]
+        out.append((p.cpu().view(raw), s))
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1]
+
+
+ADAM_POLICIES = [
+    dict(),
+    dict(param_format="bf16", master=True),
+    dict(param_format="bf16", master=True, mode="stochastic", seed=3),
+    dict(param_format="bf16", mode="stochastic", seed=4),
+    dict(param_format="bf16", kahan=True),
+    dict(param_format="fp16", state_format="bf16", sum="exact"),
+    dict(param_format="e4m3fn", master=True, mode="toward_zero"),
+]
+
+
+@pytest.mark.parametrize("pol", ADAM_POLICIES, ids=lambda d: " ".join(f"{k}={v}" for k, v in d.items()) or "fp32")
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.99)])
+def test_fused_adam_matches_torch_ops(pol, betas):
+    """The one-pass CUDA Adam step gives the bits of torch's own ops followed by
+    apply_update: parameters, master, moments, compensation and statistics, every step."""
+    from gatesim.optim import adam_variant
+    assert adam_variant(torch.device("cuda"), betas[0] <= 0.5) is not None, \
+        "no fused variant reproduces this torch build's lerp_/addcmul_/div_"
+    g = torch.Generator().manual_seed(6)
+    init = torch.randn(333, 257, generator=g) * 0.05
+    grads = [torch.randn(333, 257, generator=g) * 10.0 ** float(-k) for k in range(1, 7)]
+    runs = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(init.clone().cuda())
+        opt = EmulatedAdamW([p], lr=1e-3, betas=betas, weight_decay=0.1,
+                            policy=PrecisionPolicy(**pol))
+        opt.fused = fused
+        hist = []
+        for gr in grads:
+            p.grad = gr.cuda()
+            opt.step()
+            st = opt.state[p]
+            hist.append([p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone(),
+                         st.get("master"), st.get("compensation"),
+                         opt.last_stats["group0.param0"]])
+            hist[-1][3] = None if hist[-1][3] is None else hist[-1][3].clone()
+            hist[-1][4] = None if hist[-1][4] is None else hist[-1][4].clone()
+        runs.append(hist)
+    for k, (a, b) in enumerate(zip(*runs)):
+        for name, x, y in zip(("param", "exp_avg", "exp_avg_sq", "master", "comp"), a[:5], b[:5]):
+            if x is None:
+                assert y is None
+                continue
+            assert_same_bits(y.float().cpu(), x.float().cpu(), f"step {k} {name}")
+        assert a[5] == b[5], f"step {k} stats"
+
+
+def test_fused_adam_refuses_shared_buffers():
+    p = torch.zeros(64, device="cuda")
+    g = torch.ones(64, device="cuda")
+    m = torch.zeros(64, device="cuda")
+    args = (gatesim.FP32.op_args(), [], 0, 1, [0.1, 0.999, 0.001, 0.1, 1e-8, -1e-3], 0, 1.0, 0,
+            0, 0, True)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.ops.gatesim.adam_step(p, g, m, m, None, None, *args)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.ops.gatesim.adam_step(p, g, g, m, None, None, *args)
+    with pytest.raises(ValueError, match="coef"):
+        torch.ops.gatesim.adam_step(p, g, m, torch.zeros_like(m), None, None, *args[:4], [0.1], *args[5:])

@@ -320,6 +320,19 @@ GS_HD uint32_t round_ne_uniform(uint32_t u, int d) {
   return sign | (a > 0x7F800000u ? 0x7FC00000u : r);
 }
 
+// Stochastic rounding for the same formats (Spec::fast_ne), any rand_bits: away from zero
+// iff the dropped bits plus the r random bits, aligned to them, carry into the kept part
+// (t + R >= 2^r in round_magnitude is that carry), so the result is one add and a mask;
+// the carry out of the largest finite value is infinity, as round_bits gives. Used by the
+// GPU kernels; the CUDA tests hold it against the CPU's round_bits bit for bit.
+GS_HD uint32_t round_sr_uniform(uint32_t u, uint32_t rnd, const Spec& sp) {
+  const uint32_t sign = u & 0x80000000u, a = u & 0x7FFFFFFFu;
+  const uint32_t mask = (1u << (23 - sp.m)) - 1u;
+  const uint32_t R = (rnd >> sp.sr_rshift) & sp.sr_rmask;  // the r random bits
+  const uint32_t add = (R << sp.sr_rsh) >> sp.sr_lsh;        // aligned to the dropped bits
+  return sign | (a > 0x7F800000u ? 0x7FC00000u : ((a + add) & ~mask));
+}
+
 // Encodes an fp32 value that is representable in the format (a result of round_bits)
 // as the format's own bit pattern, right-aligned. NaN gets the canonical quiet NaN.
 GS_HD uint32_t encode_bits(uint32_t r, const Spec& sp) {
