@@ -170,6 +170,34 @@ def timings(n: int, repeat: int) -> list[dict]:
     return rows
 
 
+def adam_probe_report(out_dir) -> None:
+    """Which part of the fused Adam step differs from torch's ops, per variant (and the
+    probe's values, saved for analysis when no variant matches)."""
+    import numpy as np
+    import torch
+
+    from gatesim.optim import _adam_probe
+
+    for large in (False, True):
+        (grad, m0, v0), (m_ref, v_ref, d_ref), fused = _adam_probe(torch.device("cuda"), large)
+        print(f"adam probe (lerp weight {'>=' if large else '<'} 0.5): mismatches of "
+              f"exp_avg / exp_avg_sq / direction per variant")
+        line = []
+        for variant, (m, v, p) in fused.items():
+            line.append(f"{variant}:{int((m.view(torch.int32) != m_ref.view(torch.int32)).sum())}/"
+                        f"{int((v.view(torch.int32) != v_ref.view(torch.int32)).sum())}/"
+                        f"{int((p != d_ref).sum())}")
+        print("  " + "  ".join(line))
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            k = 4096
+            arrays = dict(grad=grad, m0=m0, v0=v0, m_ref=m_ref, v_ref=v_ref, d_ref=d_ref)
+            for variant, (m, v, p) in fused.items():
+                arrays.update({f"m{variant}": m, f"v{variant}": v, f"d{variant}": p})
+            np.savez_compressed(Path(out_dir) / f"adam_probe_{int(large)}.npz",
+                                **{name: t[:k].cpu().numpy() for name, t in arrays.items()})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--no-build", action="store_true")
@@ -199,6 +227,10 @@ def main() -> int:
         extra = f" (vs torch.compile: {r['vs_compile']:.2f}x faster)" if "vs_compile" in r else ""
         print(f"| {r['name']:62s} | {r['ms']:8.3f} | {gbs} | {ratio:5s} | "
               f"{r.get('target') or ''}{extra}{r['note']}")
+    try:
+        adam_probe_report(args.out)
+    except Exception as exc:  # report the rest regardless
+        print(f"adam probe failed: {exc!r}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(

@@ -125,6 +125,40 @@ def _adam_reference(grad, m, v, coef, step_size, bc2_sqrt, eps):
     return _direction(m, torch.sqrt(v), bc2_sqrt, eps, step_size, out=torch.empty_like(v))
 
 
+def _adam_probe(device: torch.device, large_weight: bool, variants=range(16)):
+    """Torch's ops and the fused step on the same 65536 values; returns the inputs, torch's
+    (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
+    benchmarks/gpu_check.py to show which part differs when no variant matches)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 16
+
+    def wide(scale):
+        mag = 10.0 ** torch.randint(-6, 3, (n,), generator=g).float()
+        return torch.randn(n, generator=g) * mag * scale
+
+    grad, m0 = wide(1e-2), wide(1e-2)
+    v0 = wide(1e-3) ** 2
+    beta1, beta2, lr, eps, step = (0.3 if large_weight else 0.9), 0.999, 1e-3, 1e-8, 3
+    step_size = lr / (1 - beta1 ** step)
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    coef = [1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps, -step_size]
+    grad, m0, v0 = grad.to(device), m0.to(device), v0.to(device)
+    m_ref, v_ref = m0.clone(), v0.clone()
+    d_ref = _adam_reference(grad, m_ref, v_ref, coef, step_size, bc2_sqrt, eps)
+    fused = {}
+    for variant in variants:
+        p, m, v = torch.zeros_like(grad), m0.clone(), v0.clone()
+        # fp32 storage of p = 0 with decay 1 stores the direction itself
+        ops.adam_step(p, grad, m, v, None, None, FP32.op_args(), [], 0, 1, coef, variant,
+                      1.0, 0, 0, 0, False)
+        fused[variant] = (m, v, p)
+    return (grad, m0, v0), (m_ref, v_ref, d_ref), fused
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[int]:
     """Which of torch's equivalent fp32 formulas of ``lerp_``, ``addcmul_`` and the division
     by a scalar the fused CUDA Adam step (``torch.ops.gatesim.adam_step``) must use to give
@@ -140,30 +174,10 @@ def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[i
     found = None
     if device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
             "gatesim::adam_step", "CUDA"):
-        g = torch.Generator().manual_seed(0)
-        n = 1 << 16
-
-        def wide(scale):
-            mag = 10.0 ** torch.randint(-6, 3, (n,), generator=g).float()
-            return torch.randn(n, generator=g) * mag * scale
-
-        grad, m0 = wide(1e-2), wide(1e-2)
-        v0 = wide(1e-3) ** 2
-        beta1, beta2, lr, eps, step = (0.3 if large_weight else 0.9), 0.999, 1e-3, 1e-8, 3
-        step_size = lr / (1 - beta1 ** step)
-        bc2_sqrt = (1 - beta2 ** step) ** 0.5
-        coef = [1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps, -step_size]
-        grad, m0, v0 = grad.to(device), m0.to(device), v0.to(device)
-        m_ref, v_ref = m0.clone(), v0.clone()
-        d_ref = _adam_reference(grad, m_ref, v_ref, coef, step_size, bc2_sqrt, eps)
-        for variant in range(16):
-            p, m, v = torch.zeros_like(grad), m0.clone(), v0.clone()
-            # fp32 storage of p = 0 with decay 1 stores the direction itself
-            ops.adam_step(p, grad, m, v, None, None, FP32.op_args(), [], 0, 1, coef, variant,
-                          1.0, 0, 0, 0, False)
-            if (torch.equal(m.view(torch.int32), m_ref.view(torch.int32)) and
-                    torch.equal(v.view(torch.int32), v_ref.view(torch.int32)) and
-                    torch.equal(p, d_ref)):
+        _, (m_ref, v_ref, d_ref), fused = _adam_probe(device, large_weight)
+        for variant, (m, v, p) in fused.items():
+            # p == d_ref as values: the stored direction of an exact zero may be +0
+            if _same(m, m_ref) and _same(v, v_ref) and torch.equal(p, d_ref):
                 found = variant
                 break
     _ADAM_VARIANTS[key] = found

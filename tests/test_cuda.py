@@ -27,7 +27,7 @@ def hard_values(n=1 << 20, seed=0):
     bits = g.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32).copy()
     x[: n // 4] = (g.standard_normal(n // 4) * 10.0 ** g.integers(-40, 38, n // 4)).astype(np.float32)
-    x[n // 4: n // 2] = (g.integers(-2 ** 12, 2 ** 12, n // 4) * 2.0 ** -12).astype(np.float32)
+    x[n // 4: n // 2] = (g.integers(-2 ** 12, 2 ** 12, n // 2 - n // 4) * 2.0 ** -12).astype(np.float32)
     x[:16] = [0.0, -0.0, np.inf, -np.inf, np.nan, 448.0, 464.0, 65504.0, 65520.0, 1e-45,
               -1e-40, 3.0e-8, 2.98e-8, 57344.0, 1.0 + 2 ** -8, -(1.0 + 3 * 2 ** -8)]
     return torch.from_numpy(x)
