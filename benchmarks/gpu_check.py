@@ -64,7 +64,7 @@ def timed(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def timings(n: int, repeat: int) -> list[dict]:
+def timings(n: int, repeat: int, quick: bool = False) -> list[dict]:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -103,6 +103,8 @@ def timings(n: int, repeat: int) -> list[dict]:
         return ((xx.view(torch.int32) + r) & -65536).view(torch.float32).to(torch.bfloat16)
 
     try:
+        if quick:
+            raise RuntimeError("skipped (--quick)")
         ctrick = torch.compile(trick)
         trick_ms = timed(lambda: ctrick(x), repeat)
         row("torch.compile randint-add-mask trick", trick_ms, 6)
@@ -135,6 +137,8 @@ def timings(n: int, repeat: int) -> list[dict]:
 
     row("torch eager replay (changed/absorbed counts only)", timed(lambda: eager(m, d, p), repeat), 12)
     try:
+        if quick:
+            raise RuntimeError("skipped (--quick)")
         ceager = torch.compile(eager)
         ce_ms = timed(lambda: ceager(m, d, p), repeat)
         row("torch.compile replay (counts only)", ce_ms, 12)
@@ -202,6 +206,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-tests", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="skip the torch.compile references")
     ap.add_argument("--size", type=int, default=8192 * 8192)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -214,7 +219,7 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  n={args.size}")
     try:
-        rows = timings(args.size, args.repeat)
+        rows = timings(args.size, args.repeat, args.quick)
     except Exception as exc:  # report what we have rather than nothing
         import traceback
         traceback.print_exc()

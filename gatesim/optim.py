@@ -125,7 +125,7 @@ def _adam_reference(grad, m, v, coef, step_size, bc2_sqrt, eps):
     return _direction(m, torch.sqrt(v), bc2_sqrt, eps, step_size, out=torch.empty_like(v))
 
 
-def _adam_probe(device: torch.device, large_weight: bool, variants=range(16)):
+def _adam_probe(device: torch.device, large_weight: bool, variants=range(24)):
     """Torch's ops and the fused step on the same 65536 values; returns the inputs, torch's
     (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
     benchmarks/gpu_check.py to show which part differs when no variant matches)."""
@@ -163,7 +163,8 @@ def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[i
     """Which of torch's equivalent fp32 formulas of ``lerp_``, ``addcmul_`` and the division
     by a scalar the fused CUDA Adam step (``torch.ops.gatesim.adam_step``) must use to give
     the bits of torch's own ops on ``device`` (whether nvcc contracted ``a + w * b`` into
-    an fma in this build of torch, ...). Found once per device by running all 16 variants
+    an fma in this build of torch, how it forms a scalar divisor's reciprocal). Found once per
+    device by running all 24 variants
     and torch's ops on a probe of 65536 values of many magnitudes; ``None`` when no variant
     matches, and the optimizers then keep torch's ops. ``large_weight``: probe lerp's branch
     for weights ``1 - beta1 >= 0.5``."""

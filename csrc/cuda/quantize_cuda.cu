@@ -42,24 +42,22 @@ struct FastStochastic {
 };
 
 // ---- the vectorized kernel (fp32 and bf16 outputs, 16-byte aligned buffers) ------------
-// A warp rounds 256 consecutive elements per group, two groups per iteration: lane l loads
-// elements 4l..4l+3 and 128+4l..128+4l+3 of each group as 16-byte loads and stores them as
-// 16-byte (fp32) or 8-byte (bf16) stores, with streaming (evict-first) cache hints. Four
-// 16-byte loads per lane in flight keep the memory busy at the occupancy the kernel gets.
-// Stochastic rounding (offset a multiple of 64, so every group starts a Philox block):
-// each lane computes two Philox calls per group, i.e. the words of positions 64b + 16w + j
-// for its (b, j), and a shared-memory transpose hands every lane the words of its own
-// consecutive elements.
+// A warp rounds 256 consecutive elements per iteration: lane l loads elements 4l..4l+3 and
+// 128+4l..128+4l+3 as two 16-byte loads and stores them as two 16-byte (fp32) or 8-byte
+// (bf16) stores. (Measured on an H100: two groups per iteration, streaming cache hints and
+// a one-wave grid were no faster.) Stochastic rounding (offset a multiple of 64, so the
+// window starts a Philox block): each lane computes two Philox calls, i.e. the words of positions
+// 64b + 16w + j for its (b, j), and a shared-memory transpose hands every lane the words
+// of its own consecutive elements.
 constexpr int kVecGroup = 256;
-constexpr int kVecUnroll = 2;
 
 template <int ENC>
 __device__ __forceinline__ void store4(void* y, int64_t q, const uint32_t (&o)[4]) {
   if (ENC == kEncF32) {
-    __stcs(reinterpret_cast<uint4*>(y) + q, make_uint4(o[0], o[1], o[2], o[3]));
+    reinterpret_cast<uint4*>(y)[q] = make_uint4(o[0], o[1], o[2], o[3]);
   } else {  // bf16: the high halves, element 0 in the low half (little endian)
-    __stcs(reinterpret_cast<uint2*>(y) + q,
-           make_uint2((o[0] >> 16) | (o[1] & 0xFFFF0000u), (o[2] >> 16) | (o[3] & 0xFFFF0000u)));
+    reinterpret_cast<uint2*>(y)[q] =
+        make_uint2((o[0] >> 16) | (o[1] & 0xFFFF0000u), (o[2] >> 16) | (o[3] & 0xFFFF0000u));
   }
 }
 
@@ -68,54 +66,33 @@ __global__ void __launch_bounds__(kThreads) quantize_vec_kernel(const uint4* __r
                                                                 void* __restrict__ y,
                                                                 int64_t ngroups, uint64_t seed,
                                                                 uint64_t offset, Round round) {
-  constexpr int kBuf = Round::kRandom ? kVecGroup * kVecUnroll : 1;
-  __shared__ uint32_t rbuf[Round::kRandom ? kWarps : 1][kBuf];
+  __shared__ uint32_t rbuf[Round::kRandom ? kWarps : 1][kVecGroup];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t niter = (ngroups + kVecUnroll - 1) / kVecUnroll;
-  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kWarps + warp; it < niter; it += nwarps) {
-    const int64_t g0 = it * kVecUnroll;
-    const int ng = static_cast<int>(ngroups - g0 < kVecUnroll ? ngroups - g0 : kVecUnroll);
-    uint4 v[2 * kVecUnroll];
-#pragma unroll
-    for (int u = 0; u < kVecUnroll; ++u) {
-      if (u < ng) {
-        v[2 * u] = __ldcs(x + (g0 + u) * 64 + lane);
-        v[2 * u + 1] = __ldcs(x + (g0 + u) * 64 + 32 + lane);
-      }
-    }
-    uint4 r[2 * kVecUnroll];
-#pragma unroll
-    for (int k = 0; k < 2 * kVecUnroll; ++k) r[k] = make_uint4(0, 0, 0, 0);
+  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kWarps + warp; g < ngroups; g += wstride) {
+    const uint4 v0 = x[g * 64 + lane];
+    const uint4 v1 = x[g * 64 + 32 + lane];
+    uint4 r0 = make_uint4(0, 0, 0, 0), r1 = r0;
     if (Round::kRandom) {
-      const uint64_t blk0 = (offset + static_cast<uint64_t>(g0) * kVecGroup) >> 6;
+      const uint64_t blk0 = (offset + static_cast<uint64_t>(g) * kVecGroup) >> 6;
       const uint32_t j = lane & 15;
 #pragma unroll
-      for (int h = 0; h < 2 * kVecUnroll; ++h) {  // two 128-position halves per group
-        if (h / 2 < ng) {
-          const uint64_t blk = blk0 + 2 * h + (lane >> 4);
-          const Philox4 q = philox_at(seed, (blk << 4) | j, 0);
-          uint32_t* dst = &rbuf[warp][128 * h + 64 * (lane >> 4) + j];
+      for (int h = 0; h < 2; ++h) {
+        const uint64_t blk = blk0 + 2 * h + (lane >> 4);
+        const Philox4 q = philox_at(seed, (blk << 4) | j, 0);
+        uint32_t* dst = &rbuf[warp][128 * h + 64 * (lane >> 4) + j];
 #pragma unroll
-          for (int w = 0; w < 4; ++w) dst[16 * w] = q.v[w];
-        }
+        for (int w = 0; w < 4; ++w) dst[16 * w] = q.v[w];
       }
       __syncwarp();
-#pragma unroll
-      for (int k = 0; k < 2 * kVecUnroll; ++k) r[k] = reinterpret_cast<const uint4*>(rbuf[warp])[32 * k + lane];
+      r0 = reinterpret_cast<const uint4*>(rbuf[warp])[lane];
+      r1 = reinterpret_cast<const uint4*>(rbuf[warp])[32 + lane];
       __syncwarp();  // the next iteration overwrites rbuf
     }
-#pragma unroll
-    for (int u = 0; u < kVecUnroll; ++u) {
-      if (u < ng) {
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const uint4 a = v[2 * u + hh], ra = r[2 * u + hh];
-          const uint32_t o[4] = {round(a.x, ra.x), round(a.y, ra.y), round(a.z, ra.z), round(a.w, ra.w)};
-          store4<ENC>(y, (g0 + u) * 64 + 32 * hh + lane, o);
-        }
-      }
-    }
+    const uint32_t a[4] = {round(v0.x, r0.x), round(v0.y, r0.y), round(v0.z, r0.z), round(v0.w, r0.w)};
+    const uint32_t b[4] = {round(v1.x, r1.x), round(v1.y, r1.y), round(v1.z, r1.z), round(v1.w, r1.w)};
+    store4<ENC>(y, g * 64 + lane, a);
+    store4<ENC>(y, g * 64 + 32 + lane, b);
   }
 }
 
@@ -181,10 +158,8 @@ void run_quantize(const uint32_t* x, void* y, int64_t n, const Spec& sp, uint64_
                       (!Round::kRandom || offset % 64 == 0);
   if (vec_ok && n >= kVecGroup) {
     const int64_t ngroups = n / kVecGroup;
-    constexpr auto k = quantize_vec_kernel<ENC, Round>;
-    const int64_t want = (ngroups + kVecUnroll * kWarps - 1) / (kVecUnroll * kWarps);
-    k<<<one_wave_grid<k>(want), kThreads, 0, st>>>(reinterpret_cast<const uint4*>(x), y,
-                                                     ngroups, seed, offset, round);
+    quantize_vec_kernel<ENC, Round><<<grid_for(ngroups * 32), kThreads, 0, st>>>(
+        reinterpret_cast<const uint4*>(x), y, ngroups, seed, offset, round);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     done = ngroups * kVecGroup;
   }

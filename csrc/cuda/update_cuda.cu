@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> adam_step_cuda(
     c10::ArrayRef<double> coef, int64_t variant, double decay, int64_t seed, int64_t offset,
     int64_t step, bool stats) {
   TORCH_CHECK_VALUE(coef.size() == 6, "coef must hold 6 numbers, got ", coef.size());
-  TORCH_CHECK_VALUE(variant >= 0 && variant < 16, "variant must be in 0..15, got ", variant);
+  TORCH_CHECK_VALUE(variant >= 0 && variant < 24, "variant must be in 0..23, got ", variant);
   const UpdateCall call = prepare_update(param, grad, master, comp, fmt, mode, sum_mode, 1.0,
                                          decay, seed, offset, step, at::kCUDA);
   const at::Tensor* others[] = {&param, &grad, master ? &*master : nullptr, comp ? &*comp : nullptr};
@@ -124,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> adam_step_cuda(
   s.beta2 = static_cast<float>(coef[1]);
   s.a2 = static_cast<float>(coef[2]);
   s.bc2 = static_cast<float>(coef[3]);
-  s.inv_bc2 = 1.0f / s.bc2;
+  s.inv32 = 1.0f / s.bc2;
+  s.inv64 = static_cast<float>(1.0 / coef[3]);
   s.eps = static_cast<float>(coef[4]);
   s.neg_step = static_cast<float>(coef[5]);
   s.variant = static_cast<int>(variant);

@@ -1,6 +1,6 @@
 // The apply_update kernel and its launchers, shared by the translation units that
 // instantiate them (update_*.cu: one per delta source and kernel family, so that nvcc
-// compiles them in parallel). The update arithmetic and the statistics are those of
+// compiles them in parallel; a single file took 5 minutes to build on 16 cores). The update arithmetic and the statistics are those of
 // gatesim/update.h, which the CPU kernels use too; the statistics are reduced in the same
 // fixed order as on the CPU (integer counts in any order; the absorbed mass by the fixed
 // pairwise tree of gatesim::tree_sum within 4096-element blocks and then over blocks).
@@ -39,7 +39,8 @@ struct AdamSrc {
   float* v;
   float w1, w1c;      // lerp weight 1 - beta1, and 1 - w1 (computed in fp32, as torch does)
   float beta2, a2;    // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=a2)
-  float bc2, inv_bc2; // sqrt(bias_correction2) and 1 / it (fp32)
+  float bc2;          // sqrt(bias_correction2) in fp32
+  float inv32, inv64; // its reciprocal: in fp32 of the fp32 value, or of the fp64 value
   float eps, neg_step;
   int variant;        // which of torch's equivalent formulas this build of torch uses
   int state_round;    // round the moments to the state format (nearest even)
@@ -48,8 +49,10 @@ struct AdamSrc {
 
 // Variant bits (gatesim.optim calibrates them against torch's own ops at first use):
 //   bit 0: lerp is contracted to an fma;  bits 1-2: addcmul's form (see below);
-//   bit 3: the division by the scalar sqrt(bias_correction2) is a product with its
-//   fp32 reciprocal (torch's CUDA kernels do that for scalar divisors).
+//   bits 3-4: the division by the scalar sqrt(bias_correction2): 0 a true division, 1 a
+//   product with the fp32 reciprocal of its fp32 value, 2 with the fp32 rounding of its
+//   fp64 reciprocal (torch's CUDA kernels multiply by a scalar divisor's reciprocal; torch
+//   2.11 on an H100 matched 2).
 // Explicit _rn intrinsics: nothing here may be contracted by the compiler.
 __device__ __forceinline__ float round_state(float x, const Spec& sp) {
   const uint32_t b = f32_bits(x);
@@ -84,7 +87,11 @@ __device__ __forceinline__ float adam_delta(const AdamSrc& s, int64_t i, float g
   s.v[i] = v2;
   // (exp_avg * -step_size) / (sqrt(exp_avg_sq) / bc2 + eps), as gatesim.optim._direction
   float den = __fsqrt_rn(v2);
-  den = (s.variant & 8) ? __fmul_rn(den, s.inv_bc2) : __fdiv_rn(den, s.bc2);
+  switch ((s.variant >> 3) & 3) {
+    case 0: den = __fdiv_rn(den, s.bc2); break;
+    case 1: den = __fmul_rn(den, s.inv32); break;
+    default: den = __fmul_rn(den, s.inv64); break;
+  }
   den = __fadd_rn(den, s.eps);
   return __fdiv_rn(__fmul_rn(m2, s.neg_step), den);
 }
@@ -117,12 +124,13 @@ __device__ __forceinline__ void flush_hist(uint32_t (*hl)[32], unsigned int* shi
 }
 
 // One CUDA block works through statistics blocks blockIdx.x, + gridDim.x, ...; thread t
-// handles elements t + 256 r (r = 0..15) of each, in four chunks r = c, c + 4, c + 8, c + 12:
-// few registers per thread, so several blocks share a multiprocessor and their loads
-// overlap each other's arithmetic (one block with all 16 elements in flight cannot keep
-// the memory busy while it computes).
+// handles elements t + 256 r (r = 0..15) of each, in two chunks r = c, c + 2, ..., c + 14:
+// eight elements' loads in flight per thread, and few enough registers that three blocks
+// share a multiprocessor, so their loads overlap each other's arithmetic. (One block with
+// all 16 elements in flight cannot keep the memory busy while it computes; four chunks of
+// four left too few bytes in flight: 0.65 of copy bandwidth on an H100.)
 template <int MODE, bool UNIFORM, int PATH, int ENC, int KIND, class Src>
-__global__ void __launch_bounds__(kThreads, 4) update_kernel(
+__global__ void __launch_bounds__(kThreads, 3) update_kernel(
     UpdatePtrs t, UpdateArgs a, Src src, int64_t n, int64_t nblocks, bool stats,
     unsigned long long* __restrict__ counts, double* __restrict__ block_mass) {
   __shared__ uint32_t hist_lane[kWarps][kHistWords][32];  // per-lane byte counters
@@ -144,15 +152,15 @@ __global__ void __launch_bounds__(kThreads, 4) update_kernel(
   int since_flush = 0;
   for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
     const int64_t blk0 = blk * kBlock;
-    double tc[4];  // the chunks' partial masses
+    constexpr int kChunks = 2, kQ = kPer / kChunks;
+    double tc[kChunks];  // the chunks' partial masses
 #pragma unroll
-    for (int ch = 0; ch < 4; ++ch) {
-      constexpr int kQ = kPer / 4;
+    for (int ch = 0; ch < kChunks; ++ch) {
       uint32_t po[kQ];
       float s0[kQ], s1[kQ], s2[kQ], mv[kQ];
 #pragma unroll
       for (int q = 0; q < kQ; ++q) {
-        const int64_t i = blk0 + threadIdx.x + (ch + 4 * q) * kThreads;
+        const int64_t i = blk0 + threadIdx.x + (ch + kChunks * q) * kThreads;
         const bool in = i < n;
         po[q] = in ? load_code<ENC>(t.param, i, a.sp) : 0u;
         if constexpr (Src::kAdam) {
@@ -168,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 4) update_kernel(
       double mass[kQ];
 #pragma unroll
       for (int q = 0; q < kQ; ++q) {
-        const int64_t i = blk0 + threadIdx.x + (ch + 4 * q) * kThreads;
+        const int64_t i = blk0 + threadIdx.x + (ch + kChunks * q) * kThreads;
         mass[q] = 0.0;
         if (i >= n) continue;
         const uint64_t pos = a.offset + static_cast<uint64_t>(i);
@@ -225,15 +233,21 @@ __global__ void __launch_bounds__(kThreads, 4) update_kernel(
           mass[q] = ((f >> 1) & 1u) ? fabs(u) : 0.0;
         }
       }
-      // tree levels 2048 (r, r + 8: q, q + 2) and 1024 (r, r + 4: q, q + 1)
-      tc[ch] = (mass[0] + mass[2]) + (mass[1] + mass[3]);
+      // tree levels 2048 (r, r + 8: q, q + 4), 1024 (r, r + 4: q, q + 2) and 512
+      // (r, r + 2: q, q + 1)
+      double s4[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s4[q] = mass[q] + mass[q + 4];
+      s4[0] += s4[2];
+      s4[1] += s4[3];
+      tc[ch] = s4[0] + s4[1];
     }
     if (!stats) continue;
     // The block's mass by the fixed tree of tree_sum (a[k] += a[k + half], half = 2048 ..
     // 1; element k = threadIdx.x + 256 r): levels 2048..256 pair a thread's own elements
-    // (above, and 512: chunks c, c + 2; 256: c, c + 1), 128..32 pair warps (through shared
-    // memory), 16..1 lanes (shuffles).
-    red[threadIdx.x] = (tc[0] + tc[2]) + (tc[1] + tc[3]);
+    // (above, and 256: the two chunks), 128..32 pair warps (through shared memory), 16..1
+    // lanes (shuffles).
+    red[threadIdx.x] = tc[0] + tc[1];
     __syncthreads();
     if (warp == 0) {
       double v[8];
@@ -330,6 +344,18 @@ bool dispatch_fast(const Launch& L, int path, int enc, const Src& src) {
   return true;
 }
 
+extern template bool dispatch_fast<MemDelta>(const Launch&, int, int, const MemDelta&);
+extern template bool dispatch_fast<AdamSrc>(const Launch&, int, int, const AdamSrc&);
+#define GS_EXTERN_GENERIC(PATH, SRC) \
+  extern template void launch_generic<PATH, SRC>(const Launch&, int, const SRC&);
+GS_EXTERN_GENERIC(kStorage, MemDelta)
+GS_EXTERN_GENERIC(kMaster, MemDelta)
+GS_EXTERN_GENERIC(kKahan, MemDelta)
+GS_EXTERN_GENERIC(kStorage, AdamSrc)
+GS_EXTERN_GENERIC(kMaster, AdamSrc)
+GS_EXTERN_GENERIC(kKahan, AdamSrc)
+#undef GS_EXTERN_GENERIC
+
 // The general kernel (mode read at run time), any path and encoding.
 template <class Src>
 void dispatch_general(const Launch& L, int path, int enc, const Src& src) {
@@ -339,11 +365,6 @@ void dispatch_general(const Launch& L, int path, int enc, const Src& src) {
     default: return launch_generic<kStorage>(L, enc, src);
   }
 }
-
-extern template bool dispatch_fast<MemDelta>(const Launch&, int, int, const MemDelta&);
-extern template bool dispatch_fast<AdamSrc>(const Launch&, int, int, const AdamSrc&);
-extern template void dispatch_general<MemDelta>(const Launch&, int, int, const MemDelta&);
-extern template void dispatch_general<AdamSrc>(const Launch&, int, int, const AdamSrc&);
 
 }  // namespace upd
 }  // namespace cuda

@@ -1,0 +1,10 @@
+// Instantiates the general kernels of path kMaster with delta source AdamSrc (see update_kernel.cuh).
+#include "update_kernel.cuh"
+
+namespace gatesim {
+namespace cuda {
+namespace upd {
+template void launch_generic<kMaster, AdamSrc>(const Launch&, int, const AdamSrc&);
+}  // namespace upd
+}  // namespace cuda
+}  // namespace gatesim
