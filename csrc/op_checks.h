@@ -5,10 +5,13 @@
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "format_check.h"
+#include "gatesim/adam.h"
 #include "gatesim/rounding.h"
 #include "gatesim/update.h"
 
@@ -133,6 +136,50 @@ inline UpdateCall prepare_update(at::Tensor& param, const at::Tensor& delta,
   c.a.offset = static_cast<uint64_t>(offset);
   c.a.step = static_cast<uint64_t>(step);
   c.n = param.numel();
+  return c;
+}
+
+// The adam_step op's arguments, checked: the update (as apply_update's with delta = grad,
+// alpha = 1) and the moments and coefficients.
+struct AdamCall {
+  UpdateCall u;
+  const float* g;
+  float* m;
+  float* v;
+  AdamCoef c;
+};
+
+inline AdamCall prepare_adam(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                             at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& master,
+                             const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt,
+                             c10::IntArrayRef state_fmt, int64_t mode, int64_t sum_mode,
+                             c10::ArrayRef<double> coef, int64_t variant, double decay,
+                             int64_t seed, int64_t offset, int64_t step, c10::DeviceType dev) {
+  TORCH_CHECK_VALUE(coef.size() == 6, "coef must hold 6 numbers, got ", coef.size());
+  TORCH_CHECK_VALUE(variant >= 0 && variant < kAdamVariants && ((variant >> kAdamDivShift) & 3) < 3,
+                    "invalid adam_step variant ", variant);
+  for (double x : coef) TORCH_CHECK_VALUE(std::isfinite(x), "coef must be finite, got ", coef);
+  AdamCall c;
+  c.u = prepare_update(param, grad, master, comp, fmt, mode, sum_mode, 1.0, decay, seed, offset,
+                       step, dev);
+  const at::Tensor* others[] = {&param, &grad, master ? &*master : nullptr,
+                                comp ? &*comp : nullptr};
+  const char* names[] = {"param", "grad", "master", "compensation"};
+  const std::pair<const at::Tensor*, const char*> moments[] = {{&exp_avg, "exp_avg"},
+                                                               {&exp_avg_sq, "exp_avg_sq"}};
+  for (const auto& [t, name] : moments) {
+    check_float_input(*t, name, dev);
+    check_like(*t, param, name);
+    for (int k = 0; k < 4; ++k) {
+      if (others[k]) check_no_overlap(*t, name, *others[k], names[k]);
+    }
+  }
+  check_no_overlap(exp_avg, "exp_avg", exp_avg_sq, "exp_avg_sq");
+  c.g = grad.const_data_ptr<float>();
+  c.m = exp_avg.mutable_data_ptr<float>();
+  c.v = exp_avg_sq.mutable_data_ptr<float>();
+  c.c = make_adam_coef(coef.data(), static_cast<int>(variant), !state_fmt.empty(),
+                       state_fmt.empty() ? c.u.a.sp : spec_from_list(state_fmt));
   return c;
 }
 

@@ -51,10 +51,11 @@ TORCH_LIBRARY(gatesim, m) {
   m.def(
       "adam_direction_out(Tensor exp_avg, Tensor root, float bc2_sqrt, float eps, "
       "float neg_step_size, Tensor(a!) out) -> ()");
-  // One Adam/AdamW step in one pass (CUDA only): the moments as torch's lerp_/mul_/addcmul_
-  // (variant: which of torch's equivalent formulas, calibrated by gatesim.optim), the
-  // direction as above and apply_update's write with alpha = 1. coef = [1 - beta1, beta2,
-  // 1 - beta2, sqrt(bias_correction2), eps, -step_size]; state_fmt empty: fp32 moments.
+  // One Adam/AdamW step: the moments as torch's lerp_/mul_/addcmul_ (variant: which of
+  // torch's equivalent formulas, see gatesim/adam.h; calibrated by gatesim.optim), the
+  // direction as above and apply_update's write with alpha = 1, in one pass (CUDA) or
+  // chunk by chunk in cache (CPU). coef = [1 - beta1, beta2, 1 - beta2,
+  // sqrt(bias_correction2), eps, -step_size]; state_fmt empty: fp32 moments.
   m.def(
       "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? master, Tensor(e!)? comp, int[] fmt, int[] state_fmt, int rmode, "

@@ -115,6 +115,7 @@ def _direction(exp_avg: torch.Tensor, root: torch.Tensor, bc2_sqrt: float, eps: 
 
 
 _ADAM_VARIANTS: dict = {}
+_ADAM_TORCH_SQRT = 32  # variant bit: sqrt by torch's own op (csrc/gatesim/adam.h)
 
 
 def _adam_reference(grad, m, v, coef, step_size, bc2_sqrt, eps):
@@ -125,12 +126,21 @@ def _adam_reference(grad, m, v, coef, step_size, bc2_sqrt, eps):
     return _direction(m, torch.sqrt(v), bc2_sqrt, eps, step_size, out=torch.empty_like(v))
 
 
-def _adam_probe(device: torch.device, large_weight: bool, variants=range(24)):
+def _adam_candidates(device: torch.device) -> list[int]:
+    """The variants (csrc/gatesim/adam.h) worth trying on a device: CUDA divides by a scalar
+    in one of three ways and its sqrt is IEEE; torch's CPU kernels divide, and their sqrt
+    may be MKL's (bit 5: the fused step calls torch's sqrt on each chunk)."""
+    if device.type == "cuda":
+        return list(range(24))
+    return [v for v in range(64) if (v >> 3) & 3 == 0]
+
+
+def _adam_probe(device: torch.device, large_weight: bool, variants=None):
     """Torch's ops and the fused step on the same 65536 values; returns the inputs, torch's
     (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
     benchmarks/gpu_check.py to show which part differs when no variant matches)."""
     g = torch.Generator().manual_seed(0)
-    n = 1 << 16
+    n = (1 << 16) + 4099  # several CPU chunks and a partial statistics block
 
     def wide(scale):
         mag = 10.0 ** torch.randint(-6, 3, (n,), generator=g).float()
@@ -146,7 +156,7 @@ def _adam_probe(device: torch.device, large_weight: bool, variants=range(24)):
     m_ref, v_ref = m0.clone(), v0.clone()
     d_ref = _adam_reference(grad, m_ref, v_ref, coef, step_size, bc2_sqrt, eps)
     fused = {}
-    for variant in variants:
+    for variant in (_adam_candidates(torch.device(device)) if variants is None else variants):
         p, m, v = torch.zeros_like(grad), m0.clone(), v0.clone()
         # fp32 storage of p = 0 with decay 1 stores the direction itself
         ops.adam_step(p, grad, m, v, None, None, FP32.op_args(), [], 0, 1, coef, variant,
@@ -164,8 +174,8 @@ def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[i
     by a scalar the fused CUDA Adam step (``torch.ops.gatesim.adam_step``) must use to give
     the bits of torch's own ops on ``device`` (whether nvcc contracted ``a + w * b`` into
     an fma in this build of torch, how it forms a scalar divisor's reciprocal). Found once per
-    device by running all 24 variants
-    and torch's ops on a probe of 65536 values of many magnitudes; ``None`` when no variant
+    device by running the candidate variants and torch's ops on a probe of 69635 values of
+    many magnitudes; ``None`` when no variant
     matches, and the optimizers then keep torch's ops. ``large_weight``: probe lerp's branch
     for weights ``1 - beta1 >= 0.5``."""
     device = torch.device(device)
@@ -173,8 +183,8 @@ def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[i
     if key in _ADAM_VARIANTS:
         return _ADAM_VARIANTS[key]
     found = None
-    if device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "gatesim::adam_step", "CUDA"):
+    if device.type in ("cpu", "cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "gatesim::adam_step", "CUDA" if device.type == "cuda" else "CPU"):
         _, (m_ref, v_ref, d_ref), fused = _adam_probe(device, large_weight)
         for variant, (m, v, p) in fused.items():
             # p == d_ref as values: the stored direction of an exact zero may be +0
@@ -429,16 +439,20 @@ class EmulatedAdam(_Emulated):
 
     def _fused_variant(self, p: torch.Tensor, grad: torch.Tensor,
                        large_weight: bool) -> Optional[int]:
-        """The calibrated variant of the one-pass CUDA step, or None for torch's ops (CPU
-        tensors, an update hook that needs the delta, or no variant matched torch)."""
-        if not (self.fused and p.is_cuda and self.update_hook is None and grad.is_contiguous()):
+        """The calibrated variant of the fused step, or None for torch's ops (an update hook
+        that needs the delta, or no variant reproduces torch's ops on this device)."""
+        if not (self.fused and self.update_hook is None and grad.is_contiguous()):
             return None
-        return adam_variant(p.device, large_weight)
+        variant = adam_variant(p.device, large_weight)
+        if variant is not None and not self.policy.torch_math:
+            variant &= ~_ADAM_TORCH_SQRT  # the correctly rounded sqrt, as _sqrt does
+        return variant
 
     def _write_adam(self, p: torch.Tensor, grad: torch.Tensor, coef: list, variant: int,
                     decay: float, step: int) -> UpdateStats:
-        """The moments, the direction and the parameter write in one CUDA pass: the same
-        bits as torch's lerp_/mul_/addcmul_, _direction and apply_update."""
+        """The moments, the direction and the parameter write in one pass (CUDA) or chunk
+        by chunk in cache (CPU): the same bits as torch's lerp_/mul_/addcmul_, sqrt,
+        _direction and apply_update."""
         pol = self.policy
         st = self.state[p]
         stochastic = pol.mode == "stochastic"

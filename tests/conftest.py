@@ -83,3 +83,53 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Policies for the fused Adam step (torch.ops.gatesim.adam_step) against torch's own ops.
+ADAM_POLICIES = [
+    dict(),
+    dict(param_format="bf16", master=True),
+    dict(param_format="bf16", master=True, mode="stochastic", seed=3),
+    dict(param_format="bf16", mode="stochastic", seed=4),
+    dict(param_format="bf16", kahan=True),
+    dict(param_format="fp16", state_format="bf16", sum="exact"),
+    dict(param_format="e4m3fn", master=True, mode="toward_zero"),
+    dict(param_format="bf16", torch_math=False),
+]
+
+
+def adam_policy_id(d: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items()) or "fp32"
+
+
+def assert_fused_adam_equals_torch_ops(device: str, pol: dict, betas, steps: int = 6) -> None:
+    """EmulatedAdamW with the fused step and with torch's separate ops (optimizer.fused =
+    False) give the same parameters, master, moments, compensation and statistics after
+    every step (shape 333 x 257: several CPU chunks and a partial statistics block)."""
+    from gatesim.optim import EmulatedAdamW, PrecisionPolicy
+
+    g = torch.Generator().manual_seed(6)
+    init = torch.randn(333, 257, generator=g) * 0.05
+    grads = [torch.randn(333, 257, generator=g) * 10.0 ** float(-k) for k in range(1, steps + 1)]
+    runs = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(init.clone().to(device))
+        opt = EmulatedAdamW([p], lr=1e-3, betas=betas, weight_decay=0.1,
+                            policy=PrecisionPolicy(**pol))
+        opt.fused = fused
+        hist = []
+        for gr in grads:
+            p.grad = gr.to(device)
+            opt.step()
+            st = opt.state[p]
+            snap = [p.detach(), st["exp_avg"], st["exp_avg_sq"], st.get("master"),
+                    st.get("compensation")]
+            hist.append([None if t is None else t.float().cpu().clone() for t in snap] +
+                        [opt.last_stats["group0.param0"]])
+        runs.append(hist)
+    for k, (a, b) in enumerate(zip(*runs)):
+        for name, x, y in zip(("param", "exp_avg", "exp_avg_sq", "master", "comp"), a[:5], b[:5]):
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert_same_bits(y, x, f"step {k} {name}", any_nan=True)
+        assert a[5] == b[5], f"step {k} stats"

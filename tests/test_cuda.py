@@ -12,7 +12,8 @@ import torch
 
 import gatesim
 from gatesim.optim import EmulatedAdamW, EmulatedSGD, PrecisionPolicy
-from conftest import assert_same_bits
+from conftest import (ADAM_POLICIES, adam_policy_id, assert_fused_adam_equals_torch_ops,
+                      assert_same_bits)
 
 HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("gatesim::quantize", "CUDA")
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_CUDA_KERNELS),
@@ -210,18 +211,7 @@ def test_apply_update_many_blocks_match_cpu(fmt, mode, policy):
     assert out[0][1] == out[1][1]
 
 
-ADAM_POLICIES = [
-    dict(),
-    dict(param_format="bf16", master=True),
-    dict(param_format="bf16", master=True, mode="stochastic", seed=3),
-    dict(param_format="bf16", mode="stochastic", seed=4),
-    dict(param_format="bf16", kahan=True),
-    dict(param_format="fp16", state_format="bf16", sum="exact"),
-    dict(param_format="e4m3fn", master=True, mode="toward_zero"),
-]
-
-
-@pytest.mark.parametrize("pol", ADAM_POLICIES, ids=lambda d: " ".join(f"{k}={v}" for k, v in d.items()) or "fp32")
+@pytest.mark.parametrize("pol", ADAM_POLICIES, ids=adam_policy_id)
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.99)])
 def test_fused_adam_matches_torch_ops(pol, betas):
     """The one-pass CUDA Adam step gives the bits of torch's own ops followed by
@@ -229,33 +219,7 @@ def test_fused_adam_matches_torch_ops(pol, betas):
     from gatesim.optim import adam_variant
     assert adam_variant(torch.device("cuda"), betas[0] <= 0.5) is not None, \
         "no fused variant reproduces this torch build's lerp_/addcmul_/div_"
-    g = torch.Generator().manual_seed(6)
-    init = torch.randn(333, 257, generator=g) * 0.05
-    grads = [torch.randn(333, 257, generator=g) * 10.0 ** float(-k) for k in range(1, 7)]
-    runs = []
-    for fused in (False, True):
-        p = torch.nn.Parameter(init.clone().cuda())
-        opt = EmulatedAdamW([p], lr=1e-3, betas=betas, weight_decay=0.1,
-                            policy=PrecisionPolicy(**pol))
-        opt.fused = fused
-        hist = []
-        for gr in grads:
-            p.grad = gr.cuda()
-            opt.step()
-            st = opt.state[p]
-            hist.append([p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone(),
-                         st.get("master"), st.get("compensation"),
-                         opt.last_stats["group0.param0"]])
-            hist[-1][3] = None if hist[-1][3] is None else hist[-1][3].clone()
-            hist[-1][4] = None if hist[-1][4] is None else hist[-1][4].clone()
-        runs.append(hist)
-    for k, (a, b) in enumerate(zip(*runs)):
-        for name, x, y in zip(("param", "exp_avg", "exp_avg_sq", "master", "comp"), a[:5], b[:5]):
-            if x is None:
-                assert y is None
-                continue
-            assert_same_bits(y.float().cpu(), x.float().cpu(), f"step {k} {name}")
-        assert a[5] == b[5], f"step {k} stats"
+    assert_fused_adam_equals_torch_ops("cuda", pol, betas)
 
 
 def test_fused_adam_refuses_shared_buffers():

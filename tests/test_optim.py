@@ -11,7 +11,8 @@ from gatesim.optim import EmulatedAdam, EmulatedAdamW, EmulatedSGD, PrecisionPol
 from gatesim.precision import mode_index
 from gatesim.update import SUM_MODES, UpdateStats
 from gatesim.weights import load_matrix
-from conftest import assert_same_bits
+from conftest import (ADAM_POLICIES, adam_policy_id, assert_fused_adam_equals_torch_ops,
+                      assert_same_bits)
 
 MINILM = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.3.output.dense.weight"]
 
@@ -221,3 +222,70 @@ def test_fused_adam_direction_equals_torch_ops():
         torch.ops.gatesim.adam_direction_out(buf[:8], x, 1.0, 1e-8, -1e-3, buf[4:])
     torch.library.opcheck(torch.ops.gatesim.adam_direction_out.default,
                           (torch.randn(16), torch.rand(16), 0.5, 1e-8, -1e-3, torch.empty(16)))
+
+
+@pytest.mark.parametrize("pol", ADAM_POLICIES, ids=adam_policy_id)
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.99)])
+def test_fused_adam_step_equals_torch_ops_cpu(pol, betas):
+    """The chunked CPU Adam step (moments, torch's sqrt per chunk, direction, write) gives
+    the bits of torch's separate ops followed by apply_update, statistics included."""
+    from gatesim.optim import adam_variant
+    assert adam_variant(torch.device("cpu"), betas[0] <= 0.5) is not None, \
+        "no fused variant reproduces this torch build's lerp_/addcmul_/sqrt"
+    assert_fused_adam_equals_torch_ops("cpu", pol, betas)
+
+
+def test_fused_adam_step_is_thread_count_independent():
+    g = torch.Generator().manual_seed(2)
+    init = torch.randn(700, 300, generator=g) * 0.05
+    grads = [torch.randn(700, 300, generator=g) * 1e-2 for _ in range(3)]
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            p = torch.nn.Parameter(init.clone())
+            opt = EmulatedAdamW([p], lr=1e-3, policy=PrecisionPolicy(
+                param_format="bf16", master=True, mode="stochastic", seed=1))
+            for gr in grads:
+                p.grad = gr
+                opt.step()
+            out.append((p.detach().float(), opt.last_stats["group0.param0"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_bits(out[1][0], out[0][0], "param")
+    assert out[0][1] == out[1][1]
+
+
+def test_adam_step_op_errors_name_the_problem():
+    p, g, m, v = (torch.zeros(64) for _ in range(4))
+    fmt = gatesim.FP32.op_args()
+    coef = [0.1, 0.999, 0.001, 0.1, 1e-8, -1e-3]
+    op = torch.ops.gatesim.adam_step
+    with pytest.raises(ValueError, match="share memory"):
+        op(p, g, m, m, None, None, fmt, [], 0, 1, coef, 0, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="share memory"):
+        op(p, g, g, v, None, None, fmt, [], 0, 1, coef, 0, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="coef must hold 6"):
+        op(p, g, m, v, None, None, fmt, [], 0, 1, [0.1], 0, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="coef must be finite"):
+        op(p, g, m, v, None, None, fmt, [], 0, 1, coef[:5] + [float("nan")], 0, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="variant bits 3-4"):
+        op(p, g, m, v, None, None, fmt, [], 0, 1, coef, 8, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="invalid adam_step variant"):
+        op(p, g, m, v, None, None, fmt, [], 0, 1, coef, 64, 1.0, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="exp_avg has shape"):
+        op(p, g, torch.zeros(65), v, None, None, fmt, [], 0, 1, coef, 0, 1.0, 0, 0, 0, True)
+    with pytest.raises(TypeError, match="exp_avg_sq must be float32"):
+        op(p, g, m, torch.zeros(64, dtype=torch.float64), None, None, fmt, [], 0, 1, coef, 0,
+           1.0, 0, 0, 0, True)
+
+
+def test_adam_step_opcheck():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(5000, generator=g).to(torch.bfloat16)
+    args = (torch.randn(5000, generator=g) * 1e-2, torch.randn(5000, generator=g) * 1e-3,
+            torch.rand(5000, generator=g) * 1e-6, torch.randn(5000, generator=g), None,
+            gatesim.BF16.op_args(), [], 0, 1, [0.1, 0.999, 0.001, 0.3, 1e-8, -1e-3], 35, 0.99,
+            0, 0, 0, True)
+    torch.library.opcheck(torch.ops.gatesim.adam_step.default, (p, *args))

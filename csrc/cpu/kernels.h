@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 
+#include "gatesim/adam.h"
 #include "gatesim/rounding.h"
 #include "gatesim/update.h"
 
@@ -31,6 +32,10 @@ struct KernelTable {
                        double* block_mass);
   void (*adam_direction)(const float* m, const float* root, float* out, int64_t begin,
                          int64_t end, float bc2_sqrt, float eps, float neg_step_size);
+  // Adam's moments in place, in the variant's forms (gatesim/adam.h).
+  void (*adam_moments)(const float* g, float* m, float* v, int64_t begin, int64_t end,
+                       const AdamCoef& c);
+  void (*sqrt)(const float* x, float* y, int64_t begin, int64_t end);
 };
 
 extern const KernelTable kTableBase;

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#include "gatesim/adam.h"
 #include "gatesim/philox.h"
 #include "gatesim/rounding.h"
 #include "cpu/philox_simd.h"
@@ -161,11 +162,59 @@ void adam_direction_range(const float* m, const float* root, float* out, int64_t
   for (int64_t i = b; i < e; ++i) out[i] = (m[i] * s) / (root[i] / bc2_sqrt + eps);
 }
 
+// exp_avg.lerp_(grad, w) and exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=a2) of
+// elements [b, e) in the forms of the variant (gatesim/adam.h); the loop-invariant choices
+// are template parameters, so that each loop vectorizes.
+template <bool FMA, bool SMALL, int FORM>
+void adam_moments_loop(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                       int64_t b, int64_t e, const AdamCoef& c) {
+  const float w = c.w1, wc = c.w1c, beta2 = c.beta2, a2 = c.a2;
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    const float gi = g[i];
+    m[i] = adam_lerp<FMA, SMALL>(m[i], gi, w, wc);
+    v[i] = adam_sq<FORM>(v[i], gi, beta2, a2);
+  }
+}
+
+template <bool FMA, bool SMALL>
+void adam_moments_form(const float* g, float* m, float* v, int64_t b, int64_t e,
+                       const AdamCoef& c) {
+  switch ((c.variant >> kAdamAddcmulShift) & 3) {
+    case 0: return adam_moments_loop<FMA, SMALL, 0>(g, m, v, b, e, c);
+    case 1: return adam_moments_loop<FMA, SMALL, 1>(g, m, v, b, e, c);
+    case 2: return adam_moments_loop<FMA, SMALL, 2>(g, m, v, b, e, c);
+    default: return adam_moments_loop<FMA, SMALL, 3>(g, m, v, b, e, c);
+  }
+}
+
+void adam_moments_range(const float* g, float* m, float* v, int64_t b, int64_t e,
+                        const AdamCoef& c) {
+  const bool fma = (c.variant & kAdamLerpFma) != 0;
+  const bool small = (c.w1 < 0.0f ? -c.w1 : c.w1) < 0.5f;
+  if (fma && small) adam_moments_form<true, true>(g, m, v, b, e, c);
+  else if (fma) adam_moments_form<true, false>(g, m, v, b, e, c);
+  else if (small) adam_moments_form<false, true>(g, m, v, b, e, c);
+  else adam_moments_form<false, false>(g, m, v, b, e, c);
+  if (c.state_round) {  // each moment rounded after its own op: independent of each other
+    for (int64_t i = b; i < e; ++i) {
+      m[i] = adam_round_state(m[i], c.sps);
+      v[i] = adam_round_state(v[i], c.sps);
+    }
+  }
+}
+
+// IEEE (correctly rounded) fp32 sqrt.
+void sqrt_range(const float* x, float* y, int64_t b, int64_t e) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) y[i] = __builtin_sqrtf(x[i]);
+}
+
 }  // namespace
 
-extern const KernelTable GS_TABLE = {GS_ISA_NAME,       quantize_range,     ulp_range,
-                                     absorbed_range,    random_bits_range,  apply_update_range,
-                                     adam_direction_range};
+extern const KernelTable GS_TABLE = {GS_ISA_NAME,        quantize_range,     ulp_range,
+                                     absorbed_range,     random_bits_range,  apply_update_range,
+                                     adam_direction_range, adam_moments_range, sqrt_range};
 
 }  // namespace cpu
 }  // namespace gatesim

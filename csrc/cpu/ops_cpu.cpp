@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sqrt.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -228,6 +230,73 @@ void adam_direction_out_cpu(const at::Tensor& exp_avg, const at::Tensor& root, d
                 [&](int64_t lo, int64_t hi) { t.adam_direction(mp, rp, op, lo, hi, b, e, s); });
 }
 
+// Elements per chunk of the fused Adam step: the moments, the sqrt, the direction and the
+// write of one chunk run back to back while its data is in the core's cache (8 statistics
+// blocks, about 700 KB of operands); chunks are whole statistics blocks, so the block
+// masses and the random positions are those of apply_update on the whole tensor.
+constexpr int64_t kAdamChunk = 8 * kUpdateBlock;
+
+std::tuple<at::Tensor, at::Tensor> adam_step_cpu(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+    const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& comp,
+    c10::IntArrayRef fmt, c10::IntArrayRef state_fmt, int64_t mode, int64_t sum_mode,
+    c10::ArrayRef<double> coef, int64_t variant, double decay, int64_t seed, int64_t offset,
+    int64_t step, bool stats) {
+  const AdamCall c = prepare_adam(param, grad, exp_avg, exp_avg_sq, master, comp, fmt,
+                                  state_fmt, mode, sum_mode, coef, variant, decay, seed, offset,
+                                  step, at::kCPU);
+  TORCH_CHECK_VALUE(((variant >> kAdamDivShift) & 3) == 0,
+                    "adam_step on the CPU divides by sqrt(bias_correction2), as torch's CPU "
+                    "kernels do: variant bits 3-4 must be 0, got variant ", variant);
+  const UpdatePtrs& t = c.u.t;
+  const UpdateArgs& a = c.u.a;
+  const int path = c.u.path, enc = c.u.enc;
+  const int64_t n = c.u.n;
+  const int64_t nblocks = (n + kUpdateBlock - 1) / kUpdateBlock;
+  at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));
+  at::Tensor mass = at::zeros({1}, param.options().dtype(at::kDouble));
+  std::vector<double> block_mass(stats ? nblocks : 0, 0.0);
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  double* bm = block_mass.data();
+  const KernelTable& tb = table();
+  const bool torch_sqrt = (variant & kAdamTorchSqrt) != 0;
+  const at::Tensor v_flat = exp_avg_sq.view({-1});
+  const int ebytes = enc == kEncF32 ? 4 : (enc == kEnc8 ? 1 : 2);
+  const int64_t nchunks = (n + kAdamChunk - 1) / kAdamChunk;
+  parallel_ieee(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> scratch(static_cast<size_t>(kAdamChunk));
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const int64_t s = ci * kAdamChunk;
+      const int64_t len = (n - s) < kAdamChunk ? (n - s) : kAdamChunk;
+      float* root = scratch.data();
+      tb.adam_moments(c.g + s, c.m + s, c.v + s, 0, len, c.c);
+      if (torch_sqrt) {  // torch's own sqrt (MKL's on most builds), on this chunk
+        at::Tensor out = at::from_blob(root, {len}, v_flat.options());
+        at::sqrt_out(out, v_flat.narrow(0, s, len));
+      } else {
+        tb.sqrt(c.v + s, root, 0, len);
+      }
+      tb.adam_direction(c.m + s, root, root, 0, len, c.c.bc2, c.c.eps, c.c.neg_step);
+      // apply_update of this chunk: every pointer and the random position shifted to it
+      UpdatePtrs tl = t;
+      tl.param = static_cast<char*>(t.param) + s * ebytes;
+      tl.delta = root;
+      if (t.master) tl.master = t.master + s;
+      if (t.comp) tl.comp = static_cast<char*>(t.comp) + s * ebytes;
+      UpdateArgs al = a;
+      al.offset = a.offset + static_cast<uint64_t>(s);
+      tb.apply_update(tl, al, path, enc, stats, 0, (len + kUpdateBlock - 1) / kUpdateBlock, len,
+                      cp, stats ? bm + s / kUpdateBlock : nullptr);
+    }
+  });
+  IeeeDenormals ieee;
+  int64_t padded = 1;
+  while (padded < nblocks) padded <<= 1;
+  block_mass.resize(stats ? padded : 0, 0.0);
+  mass.mutable_data_ptr<double>()[0] = stats ? tree_sum(block_mass.data(), padded) : 0.0;
+  return {counts, mass};
+}
+
 TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
   m.impl("quantize", &quantize_cpu);
   m.impl("quantize_out", &quantize_out_cpu);
@@ -236,6 +305,7 @@ TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
   m.impl("random_bits_out", &random_bits_out_cpu);
   m.impl("apply_update", &apply_update_cpu);
   m.impl("adam_direction_out", &adam_direction_out_cpu);
+  m.impl("adam_step", &adam_step_cpu);
 }
 
 }  // namespace cpu

@@ -100,38 +100,10 @@ std::tuple<at::Tensor, at::Tensor> adam_step_cuda(
     c10::IntArrayRef fmt, c10::IntArrayRef state_fmt, int64_t mode, int64_t sum_mode,
     c10::ArrayRef<double> coef, int64_t variant, double decay, int64_t seed, int64_t offset,
     int64_t step, bool stats) {
-  TORCH_CHECK_VALUE(coef.size() == 6, "coef must hold 6 numbers, got ", coef.size());
-  TORCH_CHECK_VALUE(variant >= 0 && variant < 24, "variant must be in 0..23, got ", variant);
-  const UpdateCall call = prepare_update(param, grad, master, comp, fmt, mode, sum_mode, 1.0,
-                                         decay, seed, offset, step, at::kCUDA);
-  const at::Tensor* others[] = {&param, &grad, master ? &*master : nullptr, comp ? &*comp : nullptr};
-  const char* names[] = {"param", "grad", "master", "compensation"};
-  for (auto [t, name] : {std::pair<at::Tensor*, const char*>{&exp_avg, "exp_avg"},
-                         std::pair<at::Tensor*, const char*>{&exp_avg_sq, "exp_avg_sq"}}) {
-    check_float_input(*t, name, at::kCUDA);
-    check_like(*t, param, name);
-    for (int k = 0; k < 4; ++k) {
-      if (others[k]) check_no_overlap(*t, name, *others[k], names[k]);
-    }
-  }
-  check_no_overlap(exp_avg, "exp_avg", exp_avg_sq, "exp_avg_sq");
-  AdamSrc s;
-  s.g = grad.const_data_ptr<float>();
-  s.m = exp_avg.mutable_data_ptr<float>();
-  s.v = exp_avg_sq.mutable_data_ptr<float>();
-  s.w1 = static_cast<float>(coef[0]);
-  s.w1c = 1.0f - s.w1;
-  s.beta2 = static_cast<float>(coef[1]);
-  s.a2 = static_cast<float>(coef[2]);
-  s.bc2 = static_cast<float>(coef[3]);
-  s.inv32 = 1.0f / s.bc2;
-  s.inv64 = static_cast<float>(1.0 / coef[3]);
-  s.eps = static_cast<float>(coef[4]);
-  s.neg_step = static_cast<float>(coef[5]);
-  s.variant = static_cast<int>(variant);
-  s.state_round = state_fmt.empty() ? 0 : 1;
-  s.sps = state_fmt.empty() ? call.a.sp : spec_from_list(state_fmt);
-  return run_update(param, call, stats, s);
+  const AdamCall c = prepare_adam(param, grad, exp_avg, exp_avg_sq, master, comp, fmt,
+                                  state_fmt, mode, sum_mode, coef, variant, decay, seed, offset,
+                                  step, at::kCUDA);
+  return run_update(param, c.u, stats, AdamSrc{c.g, c.m, c.v, c.c});
 }
 
 }  // namespace

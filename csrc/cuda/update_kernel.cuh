@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "gatesim/adam.h"
 #include "gatesim/philox.h"
 #include "gatesim/rounding.h"
 #include "gatesim/update.h"
@@ -37,63 +38,17 @@ struct AdamSrc {
   const float* g;
   float* m;
   float* v;
-  float w1, w1c;      // lerp weight 1 - beta1, and 1 - w1 (computed in fp32, as torch does)
-  float beta2, a2;    // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=a2)
-  float bc2;          // sqrt(bias_correction2) in fp32
-  float inv32, inv64; // its reciprocal: in fp32 of the fp32 value, or of the fp64 value
-  float eps, neg_step;
-  int variant;        // which of torch's equivalent formulas this build of torch uses
-  int state_round;    // round the moments to the state format (nearest even)
-  Spec sps;
+  AdamCoef c;  // coefficients and the variant of torch's formulas (gatesim/adam.h)
 };
 
-// Variant bits (gatesim.optim calibrates them against torch's own ops at first use):
-//   bit 0: lerp is contracted to an fma;  bits 1-2: addcmul's form (see below);
-//   bits 3-4: the division by the scalar sqrt(bias_correction2): 0 a true division, 1 a
-//   product with the fp32 reciprocal of its fp32 value, 2 with the fp32 rounding of its
-//   fp64 reciprocal (torch's CUDA kernels multiply by a scalar divisor's reciprocal; torch
-//   2.11 on an H100 matched 2).
-// Explicit _rn intrinsics: nothing here may be contracted by the compiler.
-__device__ __forceinline__ float round_state(float x, const Spec& sp) {
-  const uint32_t b = f32_bits(x);
-  return bits_f32(sp.uniform ? round_bits<kNearestEven, true, uint32_t>(b, sp, 0u)
-                             : round_bits<kNearestEven, false, uint32_t>(b, sp, 0u));
-}
-
+// The moments of element i (written back) and its step direction. The sqrt is the IEEE
+// one (torch's CUDA sqrt is too; kAdamTorchSqrt is a CPU matter).
 __device__ __forceinline__ float adam_delta(const AdamSrc& s, int64_t i, float g, float m,
                                             float v) {
-  // exp_avg.lerp_(grad, w1): self + w * (end - self) for |w| < 0.5, else
-  // end - (end - self) * (1 - w)
-  const float diff = __fsub_rn(g, m);
-  float m2;
-  if (fabsf(s.w1) < 0.5f)
-    m2 = (s.variant & 1) ? __fmaf_rn(s.w1, diff, m) : __fadd_rn(m, __fmul_rn(s.w1, diff));
-  else
-    m2 = (s.variant & 1) ? __fmaf_rn(-diff, s.w1c, g) : __fsub_rn(g, __fmul_rn(diff, s.w1c));
-  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=a2)
-  const float v1 = __fmul_rn(v, s.beta2);
-  float v2;
-  switch ((s.variant >> 1) & 3) {
-    case 0: v2 = __fmaf_rn(s.a2, __fmul_rn(g, g), v1); break;            // a + alpha * (b * c)
-    case 1: v2 = __fmaf_rn(__fmul_rn(s.a2, g), g, v1); break;            // a + alpha * b * c
-    case 2: v2 = __fadd_rn(v1, __fmul_rn(s.a2, __fmul_rn(g, g))); break;  // uncontracted
-    default: v2 = __fadd_rn(v1, __fmul_rn(__fmul_rn(s.a2, g), g)); break;
-  }
-  if (s.state_round) {
-    m2 = round_state(m2, s.sps);
-    v2 = round_state(v2, s.sps);
-  }
-  s.m[i] = m2;
-  s.v[i] = v2;
-  // (exp_avg * -step_size) / (sqrt(exp_avg_sq) / bc2 + eps), as gatesim.optim._direction
-  float den = __fsqrt_rn(v2);
-  switch ((s.variant >> 3) & 3) {
-    case 0: den = __fdiv_rn(den, s.bc2); break;
-    case 1: den = __fmul_rn(den, s.inv32); break;
-    default: den = __fmul_rn(den, s.inv64); break;
-  }
-  den = __fadd_rn(den, s.eps);
-  return __fdiv_rn(__fmul_rn(m2, s.neg_step), den);
+  adam_moments(s.c, g, m, v);
+  s.m[i] = m;
+  s.v[i] = v;
+  return adam_direction_any(m, __fsqrt_rn(v), s.c);
 }
 
 // Kinds of kernels: the general one, and the fast paths the CPU has too (same functions).
