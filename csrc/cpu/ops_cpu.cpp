@@ -168,33 +168,50 @@ void random_bits_out_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   });
 }
 
+// The statistics outputs of one update of n elements: the integer counts (filled by the
+// kernels with atomic adds) and one absorbed mass per statistics block, summed at the end.
+class UpdateOutputs {
+ public:
+  UpdateOutputs(const at::Tensor& param, int64_t n, bool stats)
+      : stats_(stats),
+        nblocks_((n + kUpdateBlock - 1) / kUpdateBlock),
+        counts_(at::zeros({kNumStats}, param.options().dtype(at::kLong))),
+        mass_(at::zeros({1}, param.options().dtype(at::kDouble))),
+        block_mass_(stats ? nblocks_ : 0, 0.0) {}
+  int64_t nblocks() const { return nblocks_; }
+  int64_t* counts() { return counts_.mutable_data_ptr<int64_t>(); }
+  double* block_mass() { return block_mass_.data(); }
+  // The blocks by the same fixed tree as within a block: the same sum for any thread count.
+  std::tuple<at::Tensor, at::Tensor> finish() {
+    IeeeDenormals ieee;
+    int64_t padded = 1;
+    while (padded < nblocks_) padded <<= 1;
+    block_mass_.resize(stats_ ? padded : 0, 0.0);
+    mass_.mutable_data_ptr<double>()[0] = stats_ ? tree_sum(block_mass_.data(), padded) : 0.0;
+    return {counts_, mass_};
+  }
+
+ private:
+  bool stats_;
+  int64_t nblocks_;
+  at::Tensor counts_, mass_;
+  std::vector<double> block_mass_;
+};
+
 std::tuple<at::Tensor, at::Tensor> apply_update_cpu(
     at::Tensor& param, const at::Tensor& delta, const std::optional<at::Tensor>& master,
     const std::optional<at::Tensor>& comp, c10::IntArrayRef fmt, int64_t mode, int64_t sum_mode,
     double alpha, double decay, int64_t seed, int64_t offset, int64_t step, bool stats) {
   const UpdateCall c = prepare_update(param, delta, master, comp, fmt, mode, sum_mode, alpha,
                                       decay, seed, offset, step, at::kCPU);
-  const UpdatePtrs& t = c.t;
-  const UpdateArgs& a = c.a;
-  const int path = c.path, enc = c.enc;
-  const int64_t n = c.n;
-  const int64_t nblocks = (n + kUpdateBlock - 1) / kUpdateBlock;
-  at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));
-  at::Tensor mass = at::zeros({1}, param.options().dtype(at::kDouble));
-  std::vector<double> block_mass(stats ? nblocks : 0, 0.0);
-  int64_t* cp = counts.mutable_data_ptr<int64_t>();
-  double* bm = block_mass.data();
+  UpdateOutputs out(param, c.n, stats);
+  int64_t* cp = out.counts();
+  double* bm = out.block_mass();
   const KernelTable& tb = table();
-  parallel_ieee(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
-    tb.apply_update(t, a, path, enc, stats, b0, b1, n, cp, bm);
+  parallel_ieee(0, out.nblocks(), 4, [&](int64_t b0, int64_t b1) {
+    tb.apply_update(c.t, c.a, c.path, c.enc, stats, b0, b1, c.n, cp, bm);
   });
-  // blocks by the same fixed tree as within a block: the same sum for any thread count
-  IeeeDenormals ieee;
-  int64_t padded = 1;
-  while (padded < nblocks) padded <<= 1;
-  block_mass.resize(stats ? padded : 0, 0.0);
-  mass.mutable_data_ptr<double>()[0] = stats ? tree_sum(block_mass.data(), padded) : 0.0;
-  return {counts, mass};
+  return out.finish();
 }
 
 std::string cpu_isa() { return table().name; }
@@ -252,12 +269,9 @@ std::tuple<at::Tensor, at::Tensor> adam_step_cpu(
   const UpdateArgs& a = c.u.a;
   const int path = c.u.path, enc = c.u.enc;
   const int64_t n = c.u.n;
-  const int64_t nblocks = (n + kUpdateBlock - 1) / kUpdateBlock;
-  at::Tensor counts = at::zeros({kNumStats}, param.options().dtype(at::kLong));
-  at::Tensor mass = at::zeros({1}, param.options().dtype(at::kDouble));
-  std::vector<double> block_mass(stats ? nblocks : 0, 0.0);
-  int64_t* cp = counts.mutable_data_ptr<int64_t>();
-  double* bm = block_mass.data();
+  UpdateOutputs out(param, n, stats);
+  int64_t* cp = out.counts();
+  double* bm = out.block_mass();
   const KernelTable& tb = table();
   const bool torch_sqrt = (variant & kAdamTorchSqrt) != 0;
   const at::Tensor v_flat = exp_avg_sq.view({-1});
@@ -289,12 +303,7 @@ std::tuple<at::Tensor, at::Tensor> adam_step_cpu(
                       cp, stats ? bm + s / kUpdateBlock : nullptr);
     }
   });
-  IeeeDenormals ieee;
-  int64_t padded = 1;
-  while (padded < nblocks) padded <<= 1;
-  block_mass.resize(stats ? padded : 0, 0.0);
-  mass.mutable_data_ptr<double>()[0] = stats ? tree_sum(block_mass.data(), padded) : 0.0;
-  return {counts, mass};
+  return out.finish();
 }
 
 TORCH_LIBRARY_IMPL(gatesim, CPU, m) {
