@@ -83,6 +83,12 @@ inline void master_bf16_avx512(void* param, int64_t i0, float* ms, const float* 
 // The update loop keeps the stored value before/after and u for the statistics.
 // Returns true when it has also added the run's histogram to `hist` (otherwise the caller
 // counts `bins`).
+// A compile-time bool as a value (for generic lambdas instantiated per case).
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
 inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
                        int64_t i1, const uint32_t* r0, const uint32_t* r1, int64_t blk0,
@@ -164,29 +170,38 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // since every format lies inside fp32's range), then to the format.
     constexpr bool NARROW_NE = !SIMPLE && MODE == kNearestEven;
     const uint32_t exact = a.sum_mode == kSumExact ? 1u : 0u;
+    // UNIT (FP32NE with alpha == 1, the optimizers' case): the exact p * decay + d is one
+    // hardware fma, no fp64 TwoSum. A loop per case: a select on the loop-invariant alpha
+    // would compute both.
+    const auto storage_loop = [&](auto unit_tag) {
+      constexpr bool UNIT = decltype(unit_tag)::value;
 #pragma omp simd
-    for (int64_t j = 0; j < cnt; ++j) {
-      const uint32_t po = load_code<ENC>(param, i0 + j, sp);
-      const float p = bits_f32(po);
-      const float d = dl[j];
-      uint32_t pe, pf;
-      if (FP32NE) {
-        pe = storage_exact_fp32_ne(p, d, decay, alpha);
-        pf = storage_fp32_fp32_ne(p, d, decay, alpha);
-      } else if (NARROW_NE) {
-        pe = round_m<MODE, UNIFORM, uint32_t>(exact_sum_odd32(p, d, decay, alpha), sp, a.mode, 0u);
-        pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, 0u, 0u);
-      } else {
-        pe = storage_step<MODE, UNIFORM>(p, d, a, kSumExact, r0[j], r1[j]);
-        pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, r0[j], r1[j]);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+        const float p = bits_f32(po);
+        const float d = dl[j];
+        uint32_t pe, pf;
+        if (FP32NE) {
+            pe = UNIT ? storage_exact_fp32_ne_unit(p, d, decay)
+                    : storage_exact_fp32_ne(p, d, decay, alpha);
+          pf = storage_fp32_fp32_ne(p, d, decay, alpha);
+        } else if (NARROW_NE) {
+          pe = round_m<MODE, UNIFORM, uint32_t>(exact_sum_odd32(p, d, decay, alpha), sp, a.mode, 0u);
+          pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, 0u, 0u);
+        } else {
+          pe = storage_step<MODE, UNIFORM>(p, d, a, kSumExact, r0[j], r1[j]);
+          pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, r0[j], r1[j]);
+        }
+        const uint32_t pn = blend(pf, pe, exact);
+        store_code<ENC>(param, i0 + j, pn, sp);
+        pob[j] = po;
+        pnb[j] = pn;
+        ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(p) & xkeep);
+        dfb[j] = pe != pf ? 1u : 0u;
       }
-      const uint32_t pn = blend(pf, pe, exact);
-      store_code<ENC>(param, i0 + j, pn, sp);
-      pob[j] = po;
-      pnb[j] = pn;
-      ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(p) & xkeep);
-      dfb[j] = pe != pf ? 1u : 0u;
-    }
+    };
+    if (FP32NE && alpha == 1.0f) storage_loop(BoolTag<true>{});
+    else storage_loop(BoolTag<false>{});
   } else if (PATH == kMaster) {
 #if defined(GS_ISA_AVX512)
     if (STATS > 0 && bf16_master_kernel_applies<MODE, ENC>(sp)) {

@@ -186,6 +186,12 @@ GS_HD uint32_t storage_exact_fp32_ne(float p, float d, float decay, float alpha)
                                 canon64(static_cast<double>(alpha) * d));
   return f32_bits(canon32(static_cast<float>(bits_f64(s))));
 }
+// storage_exact_fp32_ne for alpha == 1: the fma rounds the exact p * decay + d once, as
+// the round-to-odd detour does (same bits, canonical NaN, IEEE signed zeros).
+GS_HD uint32_t storage_exact_fp32_ne_unit(float p, float d, float decay) {
+  return f32_bits(fma32(p, decay, d));
+}
+
 // The exact p * decay + alpha * d rounded to odd into fp32 (for rounding on to a uniform
 // format with at most 21 mantissa bits: 24 >= m + 2 bits keep that second rounding
 // correct). Round-to-odd in fp64 first, then the hardware conversion, stepped back toward
