@@ -1,9 +1,10 @@
 // The apply_update kernel and its launchers, shared by the translation units that
 // instantiate them (update_*.cu: one per delta source and kernel family, so that nvcc
-// compiles them in parallel; a single file took 5 minutes to build on 16 cores). The update arithmetic and the statistics are those of
-// gatesim/update.h, which the CPU kernels use too; the statistics are reduced in the same
-// fixed order as on the CPU (integer counts in any order; the absorbed mass by the fixed
-// pairwise tree of gatesim::tree_sum within 4096-element blocks and then over blocks).
+// compiles them in parallel; a single file took 5 minutes to build on 16 cores). The
+// update arithmetic and the statistics are those of gatesim/update.h, which the CPU
+// kernels use too; the statistics are reduced in the same fixed order as on the CPU
+// (integer counts in any order; the absorbed mass by the fixed pairwise tree of
+// gatesim::tree_sum within 4096-element blocks and then over blocks).
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

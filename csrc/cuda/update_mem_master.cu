@@ -1,4 +1,5 @@
-// Instantiates the general kernels of path kMaster with delta source MemDelta (see update_kernel.cuh).
+// Instantiates the general kernels of path kMaster with delta source MemDelta
+// (see update_kernel.cuh).
 #include "update_kernel.cuh"
 
 namespace gatesim {
