@@ -47,6 +47,13 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4
                    torch.float8_e5m2)
 
 
+def _stats_to_host(counts: torch.Tensor, mass: torch.Tensor) -> tuple:
+    """The op's two statistics tensors on the host with one device-to-host copy (and one
+    synchronization) instead of two: the mass's fp64 bits ride along as one more int64."""
+    both = torch.cat((counts, mass.view(torch.int64))).cpu()
+    return both[:-1], both[-1:].view(torch.float64)
+
+
 @dataclasses.dataclass
 class UpdateStats:
     """What one update did to one tensor, counted in the same pass that applied it.
@@ -86,6 +93,8 @@ class UpdateStats:
 
     @classmethod
     def from_op(cls, counts: torch.Tensor, mass: torch.Tensor) -> "UpdateStats":
+        if counts.device.type != "cpu":
+            counts, mass = _stats_to_host(counts, mass)
         c = counts.tolist()
         fields = dict(zip(_STAT_FIELDS, c[: len(_STAT_FIELDS)]))
         return cls(**fields, absorbed_mass=float(mass.item()), hist=c[len(_STAT_FIELDS):])

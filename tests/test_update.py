@@ -355,3 +355,15 @@ def test_flush_denormal_mode_does_not_change_results():
     assert got_stats == want_stats
     for a, b in zip(want, got):
         assert torch.equal(a, b)
+
+
+def test_stats_to_host_keeps_every_bit():
+    """The one-copy transfer of the statistics from a GPU (exercised here on CPU tensors)."""
+    from gatesim.update import _stats_to_host
+    counts = torch.arange(42, dtype=torch.int64) * 1_000_000_007
+    for m in (0.0, 3.5e-300, 1e300, float("inf"), float("nan"), 5e-324):
+        mass = torch.tensor([m], dtype=torch.float64)
+        c, mm = _stats_to_host(counts, mass)
+        assert torch.equal(c, counts)
+        assert mm.view(torch.int64).item() == mass.view(torch.int64).item()
+        assert UpdateStats.from_op(c, mm) == UpdateStats.from_op(counts, mass)
