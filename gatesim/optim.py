@@ -136,7 +136,7 @@ def _adam_candidates(device: torch.device) -> list[int]:
 
 
 def _adam_probe(device: torch.device, large_weight: bool, variants=None):
-    """Torch's ops and the fused step on the same 65536 values; returns the inputs, torch's
+    """Torch's ops and the fused step on the same 69635 values; returns the inputs, torch's
     (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
     benchmarks/gpu_check.py to show which part differs when no variant matches)."""
     g = torch.Generator().manual_seed(0)
@@ -156,7 +156,7 @@ def _adam_probe(device: torch.device, large_weight: bool, variants=None):
     m_ref, v_ref = m0.clone(), v0.clone()
     d_ref = _adam_reference(grad, m_ref, v_ref, coef, step_size, bc2_sqrt, eps)
     fused = {}
-    for variant in (_adam_candidates(torch.device(device)) if variants is None else variants):
+    for variant in (_adam_candidates(device) if variants is None else variants):
         p, m, v = torch.zeros_like(grad), m0.clone(), v0.clone()
         # fp32 storage of p = 0 with decay 1 stores the direction itself
         ops.adam_step(p, grad, m, v, None, None, FP32.op_args(), [], 0, 1, coef, variant,
@@ -170,14 +170,14 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[int]:
-    """Which of torch's equivalent fp32 formulas of ``lerp_``, ``addcmul_`` and the division
-    by a scalar the fused CUDA Adam step (``torch.ops.gatesim.adam_step``) must use to give
-    the bits of torch's own ops on ``device`` (whether nvcc contracted ``a + w * b`` into
-    an fma in this build of torch, how it forms a scalar divisor's reciprocal). Found once per
-    device by running the candidate variants and torch's ops on a probe of 69635 values of
-    many magnitudes; ``None`` when no variant
-    matches, and the optimizers then keep torch's ops. ``large_weight``: probe lerp's branch
-    for weights ``1 - beta1 >= 0.5``."""
+    """Which of torch's equivalent fp32 formulas of ``lerp_``, ``addcmul_``, ``sqrt`` and the
+    division by a scalar the fused Adam step (``torch.ops.gatesim.adam_step``) must use to
+    give the bits of torch's own ops on ``device`` (whether the compiler contracted
+    ``a + w * b`` into an fma in this build of torch, how it forms a scalar divisor's
+    reciprocal, whether its CPU sqrt is MKL's). Found once per device by running the
+    candidate variants and torch's ops on a probe of 69635 values of many magnitudes;
+    ``None`` when no variant matches, and the optimizers then keep torch's ops.
+    ``large_weight``: probe lerp's branch for weights ``1 - beta1 >= 0.5``."""
     device = torch.device(device)
     key = (device.type, device.index, bool(large_weight))
     if key in _ADAM_VARIANTS:
@@ -230,8 +230,8 @@ class _Emulated(torch.optim.Optimizer):
         self.update_hook: Optional[Callable[[str, torch.Tensor, float, float, int], None]] = None
         self._log = open(log, "a", encoding="utf-8") if log is not None else None
         self._steps = 0
-        #: Use the one-pass CUDA Adam step where it gives torch's bits (see
-        #: :func:`adam_variant`); False keeps torch's separate ops (tests compare the two).
+        #: Use the fused Adam step where it gives torch's bits (see :func:`adam_variant`);
+        #: False keeps torch's separate ops (tests compare the two).
         self.fused = True
 
     # -- storage -------------------------------------------------------------------
@@ -435,7 +435,6 @@ class EmulatedAdam(_Emulated):
                 self._record(p, stats, step - 1)
         self._finish_step()
         return loss
-
 
     def _fused_variant(self, p: torch.Tensor, grad: torch.Tensor,
                        large_weight: bool) -> Optional[int]:

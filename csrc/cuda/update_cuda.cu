@@ -7,10 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 #include <tuple>
-#include <utility>
 
 #include "common.cuh"
 #include "update_kernel.cuh"

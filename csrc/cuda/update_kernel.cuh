@@ -9,7 +9,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
