@@ -145,6 +145,12 @@ for mode in ("nearest_even", "stochastic"):
         h.update(p.view(torch.int16).numpy().tobytes()); h.update(repr(st).encode())
         if "master" in kw:
             h.update(kw["master"].numpy().tobytes())
+# the optimizers' fp32 policy step (fp32 storage, alpha 1, decay; a fused AVX-512 kernel)
+for sum_mode in ("exact", "fp32"):
+    for decay in (1.0, 0.99999):
+        p = m.clone()
+        st = gatesim.apply_update(p, d, decay=decay, sum=sum_mode)
+        h.update(p.numpy().tobytes()); h.update(repr(st).encode())
 print(gatesim.cpu_isa(), h.hexdigest())
 """
 

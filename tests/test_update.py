@@ -99,6 +99,38 @@ def test_storage_nearest_fast_paths_equal_twin(data, fmt, sum_mode, as_dtype):
     assert stats == want
 
 
+@settings(max_examples=100)
+@given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
+def test_fp32_storage_fast_path_equals_twin(data, n):
+    """The optimizers' fp32 policy step (fp32 storage, nearest-even, alpha 1, any decay,
+    both sum modes) has a hand-written AVX-512 kernel fused with its statistics; held to
+    the twin on ragged lengths with every special value sprinkled in."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38,
+                         1e-45, 1.4e-45], np.float32)
+
+    def sprinkle(x, frac):
+        pick = rng.random(n) < frac
+        x[pick] = rng.choice(specials, pick.sum())
+        return x
+
+    frac = data.draw(st.sampled_from([0.0, 0.01, 0.2]))
+    p32 = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32), frac)
+    d = rng.standard_normal(n) * data.draw(st.sampled_from([1e-12, 1e-9, 1e-5, 1e-3, 1e30]))
+    d = sprinkle(d.astype(np.float32), frac)
+    if data.draw(st.booleans()):
+        d[::5] = 0.0
+    decay = data.draw(st.sampled_from([1.0, 0.99999, 0.999, 0.5, 0.0, 1 - 2 ** -20]))
+    sum_mode = data.draw(st.sampled_from(SUM_MODES))
+    with np.errstate(all="ignore"):
+        param, _, _, stats, (pn, _, _, counts, mass) = run_both(
+            p32, d, gatesim.FP32, "nearest_even", "storage", sum_mode, 1.0, decay, None, 0, 0,
+            True)
+    assert_same_bits(param, pn, f"param {sum_mode}", any_nan=True)
+    assert stats == UpdateStats.from_op(torch.from_numpy(counts),
+                                        torch.tensor([mass], dtype=torch.float64))
+
+
 @settings(max_examples=150)
 @given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
 def test_replay_step_fast_path_equals_twin(data, n):

@@ -253,6 +253,121 @@ inline void replay_bf16_ne_avx512(void* __restrict__ pp, float* __restrict__ ms,
   counts7[5] += static_cast<uint32_t>(nf[2]);
 }
 
+// The optimizers' fp32 storage step with statistics: p <- round_fp32(p * decay + delta)
+// (alpha = 1, nearest-even) in the chosen sum mode, fused with its statistics (update_run's
+// FP32NE storage loop followed by stats_run: the same outputs, bit for bit). The two-pass
+// form kept five scratch arrays per run and spent about 1.1 ns per element on statistics
+// at one thread (EmulatedAdamW's default policy pays it every step); here the values stay
+// in registers and only the bins and the fp64 masses leave them. exact: 1 for the exact
+// sum (one fma), 0 for PyTorch's fp32 sum (p * decay rounded, then + delta).
+template <bool TAIL>
+inline __attribute__((always_inline)) void storage16(
+    uint32_t* __restrict__ p32, const float* __restrict__ dl, int64_t j, __mmask16 km,
+    __mmask16 exact, const ReplayConsts& c, const ReplayScale& sc, __m512i& cc_changed,
+    __m512i& cc_absorbed, __m512i& cc_zero, __m512i& cc_differs, uint64_t* nf,
+    int8_t* __restrict__ bins, double* __restrict__ mass64) {
+  if (!TAIL) {
+    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T0);
+  }
+  const __m512i po = TAIL ? _mm512_maskz_loadu_epi32(km, p32 + j) : _mm512_loadu_si512(p32 + j);
+  const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);
+  const __m512 pv = _mm512_castsi512_ps(po);
+  // storage_exact_fp32_ne_unit and storage_fp32_fp32_ne (fma(1, d, x) is d + x)
+  const __m512i pe = _mm512_castps_si512(canon_ps(_mm512_fmadd_ps(pv, sc.decay, dv), c));
+  const __m512i pf = _mm512_castps_si512(
+      canon_ps(_mm512_add_ps(dv, canon_ps(_mm512_mul_ps(pv, sc.decay), c)), c));
+  const __m512i pn = _mm512_mask_mov_epi32(pf, exact, pe);
+  if (TAIL) _mm512_mask_storeu_epi32(p32 + j, km, pn);
+  else _mm512_storeu_si512(p32 + j, pn);
+  const __mmask16 differs = _mm512_mask_cmpneq_epi32_mask(km, pe, pf);
+  // changed: stored bits differ, +0 == -0 (a NaN stored before: rare path below)
+  const __mmask16 same = _mm512_cmpeq_epi32_mask(po, pn) |
+                         _mm512_testn_epi32_mask(_mm512_or_si512(po, pn), c.abs32);
+  __mmask16 changed = static_cast<__mmask16>(~same & km);
+  // u = delta + (decay - 1) * p in fp64, as the portable loop forms it; zero test, bin
+  const __m512d u_lo = sc.u(_mm512_castps512_ps256(dv), _mm512_castps512_ps256(pv));
+  const __m512d u_hi = sc.u(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pv), 1)));
+  const __m512d z = _mm512_setzero_pd();
+  const __mmask16 zero = static_cast<__mmask16>(
+      (_mm512_cmp_pd_mask(u_lo, z, _CMP_EQ_OQ) |
+       (static_cast<unsigned>(_mm512_cmp_pd_mask(u_hi, z, _CMP_EQ_OQ)) << 8)) & km);
+  const __m512i ue = f64_exponents(u_lo, u_hi);
+  const __m512i ep = _mm512_and_si512(_mm512_srli_epi32(po, 23), c.ff32);
+  __m512i k = _mm512_add_epi32(_mm512_sub_epi32(ue, _mm512_max_epi32(ep, c.one32)), c.bin_off64);
+  k = _mm512_min_epi32(_mm512_max_epi32(k, c.zero32), c.top32);
+  k = _mm512_mask_mov_epi32(k, zero | _mm512_cmpeq_epi32_mask(ue, c.e7ff), c.none32);
+  __m128i k8 = _mm512_cvtepi32_epi8(k);
+  // Rare: a non-finite delta, value stored before or after (exponent field all ones).
+  const __m512i inf32 = _mm512_set1_epi32(0x7F800000);
+  const __mmask16 rare = static_cast<__mmask16>(
+      (_mm512_fpclass_ps_mask(dv, 0x99) |
+       _mm512_cmpeq_epi32_mask(_mm512_and_si512(po, inf32), inf32) |
+       _mm512_cmpeq_epi32_mask(_mm512_and_si512(pn, inf32), inf32)) & km);
+  if (__builtin_expect(rare != 0, 0)) {
+    alignas(64) uint32_t pob[16], pnb[16], dbb[16];
+    alignas(64) double ub[16];
+    alignas(16) int8_t kb[16];
+    _mm512_store_si512(pob, po);
+    _mm512_store_si512(pnb, pn);
+    _mm512_store_si512(dbb, _mm512_castps_si512(dv));
+    _mm512_store_pd(ub, u_lo);
+    _mm512_store_pd(ub + 8, u_hi);
+    _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
+    for (int l = 0; l < 16; ++l) {
+      if (!((rare >> l) & 1u)) continue;
+      const uint32_t f = element_flags(pob[l], pnb[l], dbb[l], ub[l], 0u);
+      changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
+      nf[0] += (f >> 3) & 1u;
+      nf[1] += (f >> 4) & 1u;
+      nf[2] += (f >> 5) & 1u;
+      kb[l] = static_cast<int8_t>(element_bin(pob[l], ub[l], c.emin, c.m, c.msub));
+    }
+    k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
+  }
+  const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
+  cc_changed = _mm512_mask_add_epi32(cc_changed, changed, cc_changed, c.one32);
+  cc_absorbed = _mm512_mask_add_epi32(cc_absorbed, absorbed, cc_absorbed, c.one32);
+  cc_zero = _mm512_mask_add_epi32(cc_zero, zero, cc_zero, c.one32);
+  cc_differs = _mm512_mask_add_epi32(cc_differs, differs, cc_differs, c.one32);
+  if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
+  _mm512_mask_storeu_pd(mass64 + j, static_cast<__mmask8>(km),
+                        absorbed_abs(u_lo, static_cast<__mmask8>(absorbed)));
+  _mm512_mask_storeu_pd(mass64 + j + 8, static_cast<__mmask8>(km >> 8),
+                        absorbed_abs(u_hi, static_cast<__mmask8>(absorbed >> 8)));
+}
+
+// Elements [0, cnt) of one run of the fp32 storage step (see storage16); sp is FP32's Spec.
+inline void storage_fp32_ne_avx512(uint32_t* __restrict__ p32, const float* __restrict__ dl,
+                                   int64_t cnt, const Spec& sp, float decay, bool exact,
+                                   uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
+                                   double* __restrict__ mass64) {
+  const ReplayConsts c(sp);
+  const ReplayScale sc(1.0f, decay);
+  const __mmask16 ex = exact ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
+  __m512i cc_changed = _mm512_setzero_si512(), cc_absorbed = cc_changed, cc_zero = cc_changed,
+          cc_differs = cc_changed;
+  uint64_t nf[3] = {0, 0, 0};
+  int64_t j = 0;
+  for (; j + 16 <= cnt; j += 16) {
+    storage16<false>(p32, dl, j, 0xFFFF, ex, c, sc, cc_changed, cc_absorbed, cc_zero, cc_differs,
+                     nf, bins, mass64);
+  }
+  if (j < cnt) {
+    storage16<true>(p32, dl, j, tail_mask(cnt - j), ex, c, sc, cc_changed, cc_absorbed, cc_zero,
+                    cc_differs, nf, bins, mass64);
+  }
+  counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_changed));
+  counts7[1] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_absorbed));
+  counts7[2] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_zero));
+  counts7[3] += static_cast<uint32_t>(nf[0]);
+  counts7[4] += static_cast<uint32_t>(nf[1]);
+  counts7[5] += static_cast<uint32_t>(nf[2]);
+  counts7[6] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_differs));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace gatesim

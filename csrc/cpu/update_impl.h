@@ -200,6 +200,13 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
         dfb[j] = pe != pf ? 1u : 0u;
       }
     };
+#if defined(GS_ISA_AVX512)
+    if (FP32NE && STATS > 0 && alpha == 1.0f) {  // the optimizers' fp32 policy, fused
+      storage_fp32_ne_avx512(static_cast<uint32_t*>(param) + i0, dl, cnt, sp, decay,
+                             exact != 0, counts7, bins + (i0 - blk0), mass + (i0 - blk0));
+      return false;
+    }
+#endif
     if (FP32NE && alpha == 1.0f) storage_loop(BoolTag<true>{});
     else storage_loop(BoolTag<false>{});
   } else if (PATH == kMaster) {
