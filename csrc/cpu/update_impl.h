@@ -65,34 +65,34 @@ inline bool bf16_master_kernel_applies(const Spec& sp) {
 
 #if defined(GS_ISA_AVX512)
 // The master step into bf16 with nearest-even by the hand-written kernel
-// (replay_avx512.h), its histogram counted right away. m32 / m64: the run's slots of the
-// block's mass buffer (fp32 masses, or fp64 ones when SCALED).
+// (replay_avx512.h). m32 / m64: the run's slots of the block's mass buffer (fp32
+// masses, or fp64 ones when SCALED). The block's histogram is counted once it is done
+// (update_blocks: 4096 bytes at once suit histogram_bytes best).
 template <bool SCALED, int ENC>
 inline void master_bf16_avx512(void* param, int64_t i0, float* ms, const float* dl, int64_t cnt,
                                const Spec& sp, const ReplayScale* scale, uint32_t* counts7,
-                               int8_t* bins, float* m32, double* m64, int64_t* hist) {
+                               int8_t* bins, float* m32, double* m64) {
   constexpr bool F32 = ENC == kEncF32;
   void* pp = F32 ? static_cast<void*>(static_cast<uint32_t*>(param) + i0)
                  : static_cast<void*>(static_cast<uint16_t*>(param) + i0);
   replay_bf16_ne_avx512<SCALED, F32>(pp, ms, dl, cnt, sp, scale, counts7, bins, m32, m64);
-  histogram_bytes(bins, cnt, kHistBins, hist);
 }
 #endif
 
-// One run of elements [i0, i1) (at most kRun, inside one block) with their random words r0/r1.
-// The update loop keeps the stored value before/after and u for the statistics.
-// Returns true when it has also added the run's histogram to `hist` (otherwise the caller
-// counts `bins`).
 // A compile-time bool as a value (for generic lambdas instantiated per case).
 template <bool B>
 struct BoolTag {
   static constexpr bool value = B;
 };
 
+// One run of elements [i0, i1) (at most kRun, inside one block) with their random words r0/r1.
+// The update loop keeps the stored value before/after and u for the statistics: flag
+// counts into counts7, one histogram bin per element into the block's `bins` (counted by
+// the caller once the block is done) and masses into the block's `mass`.
 template <int MODE, bool UNIFORM, int PATH, int ENC, int STATS, bool SIMPLE = false>
-inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
+inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_rt, int64_t i0,
                        int64_t i1, const uint32_t* r0, const uint32_t* r1, int64_t blk0,
-                       uint32_t* counts7, int8_t* bins, double* mass, int64_t* hist) {
+                       uint32_t* counts7, int8_t* bins, double* mass) {
   const UpdateArgs a = args;  // a local copy: stores through the pointers cannot alias it
   const Spec sp = a.sp;
   const float alpha = a.alpha, decay = a.decay;
@@ -113,8 +113,8 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     if (bf16_master_kernel_applies<MODE, ENC>(sp)) {
       master_bf16_avx512<false, ENC>(param, i0, ms, dl, cnt, sp, nullptr,
                                 counts7, bins + (i0 - blk0),
-                                reinterpret_cast<float*>(mass) + (i0 - blk0), nullptr, hist);
-      return true;
+                                reinterpret_cast<float*>(mass) + (i0 - blk0), nullptr);
+      return;
     }
 #endif
     // The replay step: update and 32-bit statistics fused in one vector loop.
@@ -157,7 +157,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     counts7[3] += c3;
     counts7[4] += c4;
     counts7[5] += c5;
-    return false;
+    return;
   }
   if (PATH == kStorage && MODE >= 0 && STATS >= 0) {
     // Storage-only fast path (mode known at compile time): both sum modes are computed
@@ -204,7 +204,7 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     if (FP32NE && STATS > 0 && alpha == 1.0f) {  // the optimizers' fp32 policy, fused
       storage_fp32_ne_avx512(static_cast<uint32_t*>(param) + i0, dl, cnt, sp, decay,
                              exact != 0, counts7, bins + (i0 - blk0), mass + (i0 - blk0));
-      return false;
+      return;
     }
 #endif
     if (FP32NE && alpha == 1.0f) storage_loop(BoolTag<true>{});
@@ -215,8 +215,8 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       // The scaled master step (the optimizers' bf16 + fp32 master policy).
       const ReplayScale scale(alpha, decay);
       master_bf16_avx512<true, ENC>(param, i0, ms, dl, cnt, sp, &scale,
-                               counts7, bins + (i0 - blk0), nullptr, mass + (i0 - blk0), hist);
-      return true;
+                               counts7, bins + (i0 - blk0), nullptr, mass + (i0 - blk0));
+      return;
     }
 #endif
 #pragma omp simd
@@ -268,7 +268,6 @@ inline bool update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
               bins + k, mass + k);
 #endif
   }
-  return false;
 }
 
 // Three levels of tree_sum at once: with half = 4h, 2h, h, element k < h of the result is
@@ -332,19 +331,16 @@ void update_blocks(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_t
     uint32_t counts7[7] = {0, 0, 0, 0, 0, 0, 0};
     // Runs of kRun elements: a run's scratch (values before/after, u: 20 bytes per
     // element) stays in L1, and the memory streams pause only briefly between runs.
-    // (Every run of a block takes the same path, so either all or none of them count
-    // their histogram themselves.)
-    bool hist_done = true;
     for (int64_t s0 = blk0; s0 < blk1; s0 += kRun) {
       const int64_t s1 = (s0 + kRun) < blk1 ? (s0 + kRun) : blk1;
-      hist_done &= update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(
+      update_run<MODE, UNIFORM, PATH, ENC, STATS, SIMPLE>(
           t, a, stats, s0, s1, r0 + skip + (s0 - blk0), r1 + skip + (s0 - blk0), blk0, counts7,
-          bins, mass, local + kStatHist0);
+          bins, mass);
     }
     if (!stats) continue;
     local[kStatN] += len;
     for (int f = 0; f < 7; ++f) local[kStatChanged + f] += counts7[f];
-    if (!hist_done) histogram_bytes(bins, len, kHistBins, local + kStatHist0);
+    histogram_bytes(bins, len, kHistBins, local + kStatHist0);
     // absorbed mass: a fixed pairwise tree over the block (see tree_sum in update.h); the
     // fused replay loop stores float masses (exact: |delta|) in the same buffer. With
     // nothing absorbed every mass is +0 and so is the sum.
