@@ -96,10 +96,10 @@ inline __attribute__((always_inline)) void replay16(
   uint16_t* __restrict__ p16 = static_cast<uint16_t*>(pp);
   uint32_t* __restrict__ p32 = static_cast<uint32_t*>(pp);
   if (!TAIL) {
-    _mm_prefetch(reinterpret_cast<const char*>(ms + j + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T0);
-    if (F32) _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T0);
-    else if ((j & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p16 + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ms + j + kPrefetch), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T1);
+    if (F32) _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T1);
+    else if ((j & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p16 + j + kPrefetch), _MM_HINT_T1);
   }
   const __m512 mv = TAIL ? _mm512_maskz_loadu_ps(km, ms + j) : _mm512_loadu_ps(ms + j);
   const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);
@@ -267,8 +267,8 @@ inline __attribute__((always_inline)) void storage16(
     __m512i& cc_absorbed, __m512i& cc_zero, __m512i& cc_differs, uint64_t* nf,
     int8_t* __restrict__ bins, double* __restrict__ mass64) {
   if (!TAIL) {
-    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p32 + j + kPrefetch), _MM_HINT_T1);
   }
   const __m512i po = TAIL ? _mm512_maskz_loadu_epi32(km, p32 + j) : _mm512_loadu_si512(p32 + j);
   const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);

@@ -20,12 +20,15 @@ namespace gatesim {
 namespace cpu {
 namespace {
 
-// Software prefetch distance, in elements (4 KB of master, 4 KB of delta ahead). The
-// statistics make the loop stop for its histogram and mass tree after every run; data
-// requested this far ahead is in flight during those pauses, which the hardware
-// prefetcher alone does not bridge (1 thread: 16.5 -> 15 ms on 4096 x 4096). A prefetch
-// past the end of a buffer is harmless: prefetches never fault.
-constexpr int64_t kPrefetch = 1024;
+// Software prefetch distance, in elements (8 KB of master, 8 KB of delta ahead), into L2
+// (prefetcht1: the fused loops' users in replay_avx512.h). At one thread the replay step
+// waits on memory: a single core keeps too few misses in flight for its five streams, and
+// the statistics' work between runs lets the streams idle. Prefetching this far into L2
+// keeps more lines in flight without evicting the run's L1 scratch (4096 x 4096, one
+// thread, medians of interleaved runs: 1024 elements into L1 13.3-17.8 ms; 2048 into L2
+// 11.5-12.6 ms; 4096 and 8192 into L2 12.2-13.4 ms). A prefetch past the end of a buffer
+// is harmless: prefetches never fault.
+constexpr int64_t kPrefetch = 2048;
 
 // The 8 exponent fields of u's doubles as 32-bit lanes, lo in lanes 0..7, hi in 8..15.
 inline __m512i f64_exponents(__m512d lo, __m512d hi) {
