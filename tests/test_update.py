@@ -99,6 +99,20 @@ def test_storage_nearest_fast_paths_equal_twin(data, fmt, sum_mode, as_dtype):
     assert stats == want
 
 
+#: Special values the fast-path tests sprinkle into their inputs.
+SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38, 1e-45,
+                     1.4e-45], np.float32)
+
+
+def sprinkler(rng: np.random.Generator, frac: float):
+    """A function that overwrites a fraction ``frac`` of an array with SPECIALS."""
+    def sprinkle(x):
+        pick = rng.random(x.size) < frac
+        x[pick] = rng.choice(SPECIALS, pick.sum())
+        return x
+    return sprinkle
+
+
 @settings(max_examples=100)
 @given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
 def test_fp32_storage_fast_path_equals_twin(data, n):
@@ -106,18 +120,10 @@ def test_fp32_storage_fast_path_equals_twin(data, n):
     both sum modes) has a hand-written AVX-512 kernel fused with its statistics; held to
     the twin on ragged lengths with every special value sprinkled in."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
-    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38,
-                         1e-45, 1.4e-45], np.float32)
-
-    def sprinkle(x, frac):
-        pick = rng.random(n) < frac
-        x[pick] = rng.choice(specials, pick.sum())
-        return x
-
-    frac = data.draw(st.sampled_from([0.0, 0.01, 0.2]))
-    p32 = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32), frac)
+    sprinkle = sprinkler(rng, data.draw(st.sampled_from([0.0, 0.01, 0.2])))
+    p32 = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32))
     d = rng.standard_normal(n) * data.draw(st.sampled_from([1e-12, 1e-9, 1e-5, 1e-3, 1e30]))
-    d = sprinkle(d.astype(np.float32), frac)
+    d = sprinkle(d.astype(np.float32))
     if data.draw(st.booleans()):
         d[::5] = 0.0
     decay = data.draw(st.sampled_from([1.0, 0.99999, 0.999, 0.5, 0.0, 1 - 2 ** -20]))
@@ -140,21 +146,13 @@ def test_replay_step_fast_path_equals_twin(data, n):
     4096-element blocks) with every special value sprinkled in."""
     fmt = gatesim.BF16
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
-    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -3.39e38,
-                         1e-45], np.float32)
-
-    def sprinkle(x, frac):
-        pick = rng.random(n) < frac
-        x[pick] = rng.choice(specials, pick.sum())
-        return x
-
-    frac = data.draw(st.sampled_from([0.0, 0.01, 0.2]))
-    master = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32), frac)
+    sprinkle = sprinkler(rng, data.draw(st.sampled_from([0.0, 0.01, 0.2])))
+    master = sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32))
     p32 = gatesim.quantize(torch.from_numpy(
-        sprinkle(master + np.float32(1e-4) * rng.standard_normal(n).astype(np.float32), frac)),
+        sprinkle(master + np.float32(1e-4) * rng.standard_normal(n).astype(np.float32))),
         fmt).numpy()
     d = (rng.standard_normal(n) * data.draw(st.sampled_from([1e-9, 1e-5, 1e-3, 1e30])))
-    d = sprinkle(d.astype(np.float32), frac)
+    d = sprinkle(d.astype(np.float32))
     alpha = data.draw(st.sampled_from([1.0, -0.01, 3.0]))
     decay = data.draw(st.sampled_from([1.0, 0.999, 0.5, 0.0]))
     as_dtype = data.draw(st.booleans())  # bf16 tensor, or bf16 values in an fp32 tensor

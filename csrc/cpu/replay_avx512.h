@@ -47,10 +47,9 @@ struct ReplayScale {
   }
 };
 
-// 16 elements at j (lanes of km). Counts go to vector lanes (cc_*: changed, absorbed,
-// zero) and, for the rare cases, to the scalar nonfinite counters nf[3]. SCALED: the
-// scaled step (mass64 gets fp64 masses); otherwise alpha = 1 and no decay (u = delta,
-// mass32 gets fp32 masses).
+// replay16 (below) takes 16 elements at j (lanes of km); its counts go to a LaneCounts.
+// SCALED: the scaled step (mass64 gets fp64 masses); otherwise alpha = 1 and no decay
+// (u = delta, mass32 gets fp32 masses).
 struct ReplayConsts {
   __m512i abs32 = _mm512_set1_epi32(0x7FFFFFFF);
   __m512i qnan = _mm512_set1_epi32(0x7FC00000);
@@ -82,6 +81,26 @@ struct ReplayConsts {
         msub(sp.msub) {}
 };
 
+// A run's flag counts: changed, absorbed, zero and sum_differs in vector lanes; the
+// non-finite counts (delta, before, after), which only rare lanes add to, as scalars.
+struct LaneCounts {
+  __m512i changed, absorbed, zero, differs;
+  uint64_t nf[3] = {0, 0, 0};
+  // user-provided: GCC does not give an implicit constructor the file's target pragma
+  LaneCounts()
+      : changed(_mm512_setzero_si512()), absorbed(changed), zero(changed), differs(changed) {}
+  // lane counts stay far below 2^31 (a run is at most one block)
+  void flush(uint32_t* counts7) const {
+    counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(changed));
+    counts7[1] += static_cast<uint32_t>(_mm512_reduce_add_epi32(absorbed));
+    counts7[2] += static_cast<uint32_t>(_mm512_reduce_add_epi32(zero));
+    counts7[3] += static_cast<uint32_t>(nf[0]);
+    counts7[4] += static_cast<uint32_t>(nf[1]);
+    counts7[5] += static_cast<uint32_t>(nf[2]);
+    counts7[6] += static_cast<uint32_t>(_mm512_reduce_add_epi32(differs));
+  }
+};
+
 // m2 with its NaN made canonical (add32 / mul32 / fma32)
 inline __m512 canon_ps(__m512 x, const ReplayConsts& c) {
   return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(c.qnan));
@@ -90,9 +109,8 @@ inline __m512 canon_ps(__m512 x, const ReplayConsts& c) {
 template <bool TAIL, bool SCALED, bool F32>
 inline __attribute__((always_inline)) void replay16(
     void* __restrict__ pp, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
-    __mmask16 km, const ReplayConsts& c, const ReplayScale* sc, __m512i& cc_changed,
-    __m512i& cc_absorbed, __m512i& cc_zero, uint64_t* nf, int8_t* __restrict__ bins,
-    float* __restrict__ mass32, double* __restrict__ mass64) {
+    __mmask16 km, const ReplayConsts& c, const ReplayScale* sc, LaneCounts& cc,
+    int8_t* __restrict__ bins, float* __restrict__ mass32, double* __restrict__ mass64) {
   uint16_t* __restrict__ p16 = static_cast<uint16_t*>(pp);
   uint32_t* __restrict__ p32 = static_cast<uint32_t*>(pp);
   if (!TAIL) {
@@ -195,18 +213,18 @@ inline __attribute__((always_inline)) void replay16(
       const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
       const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
       changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
-      nf[0] += (f >> 3) & 1u;
-      nf[1] += (f >> 4) & 1u;
-      nf[2] += (f >> 5) & 1u;
+      cc.nf[0] += (f >> 3) & 1u;
+      cc.nf[1] += (f >> 4) & 1u;
+      cc.nf[2] += (f >> 5) & 1u;
       kb[l] = static_cast<int8_t>(SCALED ? element_bin(o, ul, c.emin, c.m, c.msub)
                                          : element_bin32_uniform(o, dbb[l], c.m));
     }
     k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
   const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
-  cc_changed = _mm512_mask_add_epi32(cc_changed, changed, cc_changed, c.one32);
-  cc_absorbed = _mm512_mask_add_epi32(cc_absorbed, absorbed, cc_absorbed, c.one32);
-  cc_zero = _mm512_mask_add_epi32(cc_zero, zero, cc_zero, c.one32);
+  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
+  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
+  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
   if (SCALED) {
@@ -232,25 +250,16 @@ inline void replay_bf16_ne_avx512(void* __restrict__ pp, float* __restrict__ ms,
                                   int8_t* __restrict__ bins, float* __restrict__ mass32,
                                   double* __restrict__ mass64) {
   const ReplayConsts c(sp);
-  __m512i cc_changed = _mm512_setzero_si512(), cc_absorbed = cc_changed, cc_zero = cc_changed;
-  uint64_t nf[3] = {0, 0, 0};
+  LaneCounts cc;
   int64_t j = 0;
   for (; j + 16 <= cnt; j += 16) {
-    replay16<false, SCALED, F32>(pp, ms, dl, j, 0xFFFF, c, sc, cc_changed, cc_absorbed, cc_zero,
-                                 nf, bins, mass32, mass64);
+    replay16<false, SCALED, F32>(pp, ms, dl, j, 0xFFFF, c, sc, cc, bins, mass32, mass64);
   }
   if (j < cnt) {
-    const __mmask16 km = tail_mask(cnt - j);
-    replay16<true, SCALED, F32>(pp, ms, dl, j, km, c, sc, cc_changed, cc_absorbed, cc_zero, nf,
-                                bins, mass32, mass64);
+    replay16<true, SCALED, F32>(pp, ms, dl, j, tail_mask(cnt - j), c, sc, cc, bins, mass32,
+                                mass64);
   }
-  // lane counts stay far below 2^31 (a run is at most one block)
-  counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_changed));
-  counts7[1] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_absorbed));
-  counts7[2] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_zero));
-  counts7[3] += static_cast<uint32_t>(nf[0]);
-  counts7[4] += static_cast<uint32_t>(nf[1]);
-  counts7[5] += static_cast<uint32_t>(nf[2]);
+  cc.flush(counts7);
 }
 
 // The optimizers' fp32 storage step with statistics: p <- round_fp32(p * decay + delta)
@@ -263,8 +272,7 @@ inline void replay_bf16_ne_avx512(void* __restrict__ pp, float* __restrict__ ms,
 template <bool TAIL>
 inline __attribute__((always_inline)) void storage16(
     uint32_t* __restrict__ p32, const float* __restrict__ dl, int64_t j, __mmask16 km,
-    __mmask16 exact, const ReplayConsts& c, const ReplayScale& sc, __m512i& cc_changed,
-    __m512i& cc_absorbed, __m512i& cc_zero, __m512i& cc_differs, uint64_t* nf,
+    __mmask16 exact, const ReplayConsts& c, const ReplayScale& sc, LaneCounts& cc,
     int8_t* __restrict__ bins, double* __restrict__ mass64) {
   if (!TAIL) {
     _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T1);
@@ -319,18 +327,18 @@ inline __attribute__((always_inline)) void storage16(
       if (!((rare >> l) & 1u)) continue;
       const uint32_t f = element_flags(pob[l], pnb[l], dbb[l], ub[l], 0u);
       changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
-      nf[0] += (f >> 3) & 1u;
-      nf[1] += (f >> 4) & 1u;
-      nf[2] += (f >> 5) & 1u;
+      cc.nf[0] += (f >> 3) & 1u;
+      cc.nf[1] += (f >> 4) & 1u;
+      cc.nf[2] += (f >> 5) & 1u;
       kb[l] = static_cast<int8_t>(element_bin(pob[l], ub[l], c.emin, c.m, c.msub));
     }
     k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
   const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
-  cc_changed = _mm512_mask_add_epi32(cc_changed, changed, cc_changed, c.one32);
-  cc_absorbed = _mm512_mask_add_epi32(cc_absorbed, absorbed, cc_absorbed, c.one32);
-  cc_zero = _mm512_mask_add_epi32(cc_zero, zero, cc_zero, c.one32);
-  cc_differs = _mm512_mask_add_epi32(cc_differs, differs, cc_differs, c.one32);
+  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
+  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
+  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
+  cc.differs = _mm512_mask_add_epi32(cc.differs, differs, cc.differs, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
   _mm512_mask_storeu_pd(mass64 + j, static_cast<__mmask8>(km),
@@ -347,25 +355,13 @@ inline void storage_fp32_ne_avx512(uint32_t* __restrict__ p32, const float* __re
   const ReplayConsts c(sp);
   const ReplayScale sc(1.0f, decay);
   const __mmask16 ex = exact ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
-  __m512i cc_changed = _mm512_setzero_si512(), cc_absorbed = cc_changed, cc_zero = cc_changed,
-          cc_differs = cc_changed;
-  uint64_t nf[3] = {0, 0, 0};
+  LaneCounts cc;
   int64_t j = 0;
   for (; j + 16 <= cnt; j += 16) {
-    storage16<false>(p32, dl, j, 0xFFFF, ex, c, sc, cc_changed, cc_absorbed, cc_zero, cc_differs,
-                     nf, bins, mass64);
+    storage16<false>(p32, dl, j, 0xFFFF, ex, c, sc, cc, bins, mass64);
   }
-  if (j < cnt) {
-    storage16<true>(p32, dl, j, tail_mask(cnt - j), ex, c, sc, cc_changed, cc_absorbed, cc_zero,
-                    cc_differs, nf, bins, mass64);
-  }
-  counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_changed));
-  counts7[1] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_absorbed));
-  counts7[2] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_zero));
-  counts7[3] += static_cast<uint32_t>(nf[0]);
-  counts7[4] += static_cast<uint32_t>(nf[1]);
-  counts7[5] += static_cast<uint32_t>(nf[2]);
-  counts7[6] += static_cast<uint32_t>(_mm512_reduce_add_epi32(cc_differs));
+  if (j < cnt) storage16<true>(p32, dl, j, tail_mask(cnt - j), ex, c, sc, cc, bins, mass64);
+  cc.flush(counts7);
 }
 
 }  // namespace
