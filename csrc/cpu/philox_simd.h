@@ -5,6 +5,8 @@
 // is the same 64 words as random_block64; tests compare the two.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "gatesim/philox.h"
@@ -172,9 +174,14 @@ inline void histogram_bytes_cmp(const int8_t* p, int64_t n, int nbins, int64_t* 
 #define GS_HIST_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,gfni,avx512vpopcntdq")))
 
+// GATESIM_HIST=cmp forces the compare-per-bin loop (tests hold both to the same counts).
 inline bool hist_bitsliced_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni") &&
-                         __builtin_cpu_supports("avx512vpopcntdq");
+  static const bool ok = [] {
+    const char* force = std::getenv("GATESIM_HIST");
+    if (force != nullptr && std::strcmp(force, "cmp") == 0) return false;
+    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni") &&
+           __builtin_cpu_supports("avx512vpopcntdq");
+  }();
   return ok;
 }
 
