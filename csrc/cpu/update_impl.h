@@ -67,8 +67,8 @@ inline bool bf16_master_kernel_applies(const Spec& sp) {
 #if defined(GS_ISA_AVX512)
 // The master step into bf16 with nearest-even by the hand-written kernel
 // (replay_avx512.h). m32 / m64: the run's slots of the block's mass buffer (fp32
-// masses, or fp64 ones when SCALED). The block's histogram is counted once it is done
-// (update_blocks: 4096 bytes at once suit histogram_bytes best).
+// masses, or fp64 ones when SCALED). update_blocks counts the block's histogram
+// (PendingBlock).
 template <bool SCALED, int ENC>
 inline void master_bf16_avx512(void* param, int64_t i0, float* ms, const float* dl, int64_t cnt,
                                const Spec& sp, const ReplayScale* scale, uint32_t* counts7,
