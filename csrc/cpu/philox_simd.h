@@ -102,7 +102,7 @@ inline void random_block64_simd(uint64_t seed, uint64_t block, uint32_t* out,
 // With SIMD: per bin, one byte compare + popcount per 64 (32) bytes; without: scalar
 // increments into four interleaved sub-histograms.
 #if defined(GS_ISA_AVX512)
-inline void histogram_bytes_cmp(const int8_t* p, int64_t n, int nbins, int64_t* hist) {
+inline void histogram_bytes(const int8_t* p, int64_t n, int nbins, int64_t* hist) {
   // Occupied range first: unsigned min skips -1 (255), signed max skips it too.
   __m512i vmin = _mm512_set1_epi8(-1), vmax = _mm512_set1_epi8(-1);
   int64_t k = 0;
@@ -168,7 +168,7 @@ inline void histogram_bytes_cmp(const int8_t* p, int64_t n, int nbins, int64_t* 
 // GF(2) affine transform per 8 bytes, a byte permute, an 8 x 8 qword transpose), and the
 // bytes equal to bin b are then one AND of planes or their complements (vpternlogq,
 // sharing the upper bits' ANDs between bins) and one popcount: about 160 vector
-// operations per 512 bytes, against about 500 for the compare-per-bin loop above
+// operations per 512 bytes, against about 500 for histogram_bytes above
 // (which was a fifth of the replay step's time at one thread). Needs AVX512-VBMI, GFNI
 // and AVX512-VPOPCNTDQ (Ice Lake, Zen 4 and later), checked at run time.
 #define GS_HIST_TARGET \
@@ -256,22 +256,6 @@ GS_HIST_TARGET inline void hist_bitsliced512(const int8_t* p, __m512i* acc) {
   hist_count_bins(h, pl[1], pl[0], acc, std::make_index_sequence<kHistBins>{});
 }
 
-GS_HIST_TARGET inline void histogram_bytes_bitsliced(const int8_t* p, int64_t n, int64_t* hist) {
-  __m512i acc[kHistBins];
-  for (int b = 0; b < kHistBins; ++b) acc[b] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 512 <= n; k += 512) hist_bitsliced512(p + k, acc);
-  for (int b = 0; b < kHistBins; ++b) hist[b] += _mm512_reduce_add_epi64(acc[b]);
-  if (k < n) histogram_bytes_cmp(p + k, n - k, kHistBins, hist);
-}
-
-inline void histogram_bytes(const int8_t* p, int64_t n, int nbins, int64_t* hist) {
-  if (nbins == kHistBins && n >= 512 && hist_bitsliced_supported()) {
-    histogram_bytes_bitsliced(p, n, hist);
-  } else {
-    histogram_bytes_cmp(p, n, nbins, hist);
-  }
-}
 #elif defined(GS_ISA_AVX2)
 inline void histogram_bytes(const int8_t* p, int64_t n, int nbins, int64_t* hist) {
   for (int b = 0; b < nbins; ++b) {

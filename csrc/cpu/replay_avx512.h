@@ -52,6 +52,7 @@ struct ReplayScale {
 // (u = delta, mass32 gets fp32 masses).
 struct ReplayConsts {
   __m512i abs32 = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i inf32 = _mm512_set1_epi32(0x7F800000);
   __m512i qnan = _mm512_set1_epi32(0x7FC00000);
   __m512i rne_bias = _mm512_set1_epi32(0x7FFF);
   __m512i one32 = _mm512_set1_epi32(1);
@@ -308,11 +309,10 @@ inline __attribute__((always_inline)) void storage16(
   k = _mm512_mask_mov_epi32(k, zero | _mm512_cmpeq_epi32_mask(ue, c.e7ff), c.none32);
   __m128i k8 = _mm512_cvtepi32_epi8(k);
   // Rare: a non-finite delta, value stored before or after (exponent field all ones).
-  const __m512i inf32 = _mm512_set1_epi32(0x7F800000);
   const __mmask16 rare = static_cast<__mmask16>(
       (_mm512_fpclass_ps_mask(dv, 0x99) |
-       _mm512_cmpeq_epi32_mask(_mm512_and_si512(po, inf32), inf32) |
-       _mm512_cmpeq_epi32_mask(_mm512_and_si512(pn, inf32), inf32)) & km);
+       _mm512_cmpeq_epi32_mask(_mm512_and_si512(po, c.inf32), c.inf32) |
+       _mm512_cmpeq_epi32_mask(_mm512_and_si512(pn, c.inf32), c.inf32)) & km);
   if (__builtin_expect(rare != 0, 0)) {
     alignas(64) uint32_t pob[16], pnb[16], dbb[16];
     alignas(64) double ub[16];

@@ -294,7 +294,8 @@ static_assert(kUpdateBlock == 8 * 8 * 8 * 8 && kPiece == kRun, "eight runs, eigh
 
 // A block's histogram in eight pieces of kPiece bytes. AVX-512 with VBMI/GFNI/VPOPCNTDQ:
 // bit-sliced (hist_bitsliced512) into lane counters, added up once at the end (flush);
-// otherwise the whole block at its first piece.
+// otherwise, and for a tensor's last, partial block, histogram_bytes on the whole block
+// at its first piece.
 struct BlockHist {
 #if defined(GS_ISA_AVX512)
   alignas(64) int64_t lanes[kHistBins * 8] = {};
