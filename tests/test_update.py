@@ -45,6 +45,17 @@ def run_both(p32, d, fmt, mode, policy, sum_mode, alpha, decay, seed, offset, st
     return param, m_t, c_t, stats, (pn, mn, cn, counts, mass)
 
 
+def near_midpoints(rng: np.random.Generator, fmt, alpha: float, k: int) -> np.ndarray:
+    """k float32 values d with alpha * d (computed exactly) within an fp32 ulp of the
+    midpoint between two neighbours of fmt, at magnitudes of fmt's normal range: about
+    half of them round differently when alpha * d is rounded to fp32 first (alpha != 1)."""
+    m = fmt.mbits
+    lo = max(fmt.emin, -20)
+    mid = np.ldexp((rng.integers(2 ** m, 2 ** (m + 1), k) * 2 + 1).astype(np.float64), -(m + 1))
+    mid = np.ldexp(mid, rng.integers(lo, lo + 12, k)) * rng.choice([-1.0, 1.0], k)
+    return (mid / np.float64(np.float32(alpha))).astype(np.float32)
+
+
 @settings(max_examples=150)
 @given(data=st.data(), fmt=st.sampled_from(STORAGE_FORMATS), mode=modes(),
        policy=st.sampled_from(["storage", "master", "kahan"]), sum_mode=st.sampled_from(SUM_MODES),
@@ -90,6 +101,10 @@ def test_storage_nearest_fast_paths_equal_twin(data, fmt, sum_mode, as_dtype):
     d = (data.draw(float32_arrays(fmt, min_size=n, max_size=n)) * np.float32(scale)).astype(np.float32)
     alpha = data.draw(st.sampled_from([1.0, -0.01, 3.0, -1e-20]))
     decay = data.draw(st.sampled_from([1.0, 0.999, 0.5, 1 - 2 ** -20]))
+    rng_tie = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    tie = rng_tie.random(n) < 0.25  # p = 0 there: the sum is alpha * delta, near a midpoint
+    d[tie] = near_midpoints(rng_tie, fmt, alpha, int(tie.sum()))
+    p32[tie] = 0.0
     with np.errstate(all="ignore"):
         param, _, _, stats, (pn, _, _, counts, mass) = run_both(
             p32, d, fmt, "nearest_even", "storage", sum_mode, alpha, decay, None, 0, 0,
@@ -133,6 +148,40 @@ def test_fp32_storage_fast_path_equals_twin(data, n):
             p32, d, gatesim.FP32, "nearest_even", "storage", sum_mode, 1.0, decay, None, 0, 0,
             True)
     assert_same_bits(param, pn, f"param {sum_mode}", any_nan=True)
+    assert stats == UpdateStats.from_op(torch.from_numpy(counts),
+                                        torch.tensor([mass], dtype=torch.float64))
+
+
+@settings(max_examples=120)
+@given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 513, 4097, 9000]),
+       fmt=st.sampled_from([gatesim.BF16, gatesim.FP16, gatesim.E4M3FN, gatesim.FP32]),
+       mode=st.sampled_from(["nearest_even", "stochastic"]), sum_mode=st.sampled_from(SUM_MODES))
+def test_kahan_fast_paths_equal_twin(data, n, fmt, mode, sum_mode):
+    """Kahan in nearest-even or stochastic rounding has vectorized loops per sum mode (the
+    exact sums with nearest-even by 32-bit roundings of odd32 values): held to the twin on
+    ragged lengths, compensations of every size and every special value sprinkled in."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    sprinkle = sprinkler(rng, data.draw(st.sampled_from([0.0, 0.01, 0.2])))
+    q = lambda a: gatesim.quantize(torch.from_numpy(a.astype(np.float32)), fmt).numpy()
+    p32 = q(sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32)))
+    comp32 = q(sprinkle((rng.standard_normal(n) * data.draw(
+        st.sampled_from([0.0, 1e-6, 1e-3, 1e3]))).astype(np.float32)))
+    d = rng.standard_normal(n) * data.draw(st.sampled_from([1e-30, 1e-9, 1e-5, 1e-3, 1.0, 1e30]))
+    d = sprinkle(d.astype(np.float32))
+    alpha = data.draw(st.sampled_from([1.0, -0.01, 3.0]))
+    decay = data.draw(st.sampled_from([1.0, 0.999, 0.5, 0.0]))
+    # A quarter of the elements with alpha * delta within an fp32 ulp of a rounding
+    # midpoint of fmt and no compensation: where rounding that sum to fp32 first and then
+    # to fmt would round twice (the odd32 detour must not).
+    tie = rng.random(n) < 0.25
+    d[tie] = near_midpoints(rng, fmt, alpha, int(tie.sum()))
+    comp32[tie] = 0.0
+    with np.errstate(all="ignore"):
+        param, _, c_t, stats, (pn, _, cn, counts, mass) = run_both(
+            p32, d, fmt, mode, "kahan", sum_mode, alpha, decay, 11, 5, 3,
+            data.draw(st.booleans()), None, comp32)
+    assert_same_bits(param.float(), pn, f"param {fmt} {mode} {sum_mode}", any_nan=True)
+    assert_same_bits(c_t.float(), cn, f"compensation {fmt} {mode} {sum_mode}", any_nan=True)
     assert stats == UpdateStats.from_op(torch.from_numpy(counts),
                                         torch.tensor([mass], dtype=torch.float64))
 

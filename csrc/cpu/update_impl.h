@@ -234,6 +234,35 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(m) & xkeep);
       dfb[j] = 0;
     }
+  } else if (PATH == kKahan && MODE >= 0) {
+    // Kahan with the mode known at compile time (nearest-even, stochastic), one loop per
+    // sum mode (a select on the loop-invariant mode would compute both): K 0 the exact
+    // sums by kahan_step, 1 the same by 32-bit roundings (nearest-even, formats of at
+    // most 21 bits), 2 sum mode "fp32".
+    const auto kahan_loop = [&](auto k_tag) {
+      constexpr int K = decltype(k_tag)::value;
+#pragma omp simd
+      for (int64_t j = 0; j < cnt; ++j) {
+        const uint32_t po = load_code<ENC>(param, i0 + j, sp);
+        const float p = bits_f32(po);
+        const float d = dl[j];
+        const float c = bits_f32(load_code<ENC>(t.comp, i0 + j, a.spc));
+        uint32_t pn, cn;
+        if (K == 1) kahan_step_exact_ne_narrow<UNIFORM>(p, c, d, a, pn, cn);
+        else if (K == 2) kahan_step_fp32sum<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
+        else kahan_step<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
+        store_code<ENC>(t.comp, i0 + j, cn, a.spc);
+        store_code<ENC>(param, i0 + j, pn, sp);
+        pob[j] = po;
+        pnb[j] = pn;
+        ub[j] = alpha_d * d + decay_m1 * bits_f64(f64_bits(p) & xkeep);
+        dfb[j] = 0;
+      }
+    };
+    if (a.sum_mode != kSumExact) kahan_loop(std::integral_constant<int, 2>{});
+    else if (MODE == kNearestEven && sp.m <= 21 && a.spc.m <= 21)
+      kahan_loop(std::integral_constant<int, 1>{});
+    else kahan_loop(std::integral_constant<int, 0>{});
   } else {
     for (int64_t j = 0; j < cnt; ++j) {
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
@@ -460,6 +489,26 @@ void update_generic(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_
   update_blocks<-1, false, PATH, ENC, -1>(t, a, stats, b0, b1, n, counts, bm);
 }
 
+template <int MODE>
+void kahan_fast_m(const UpdatePtrs& t, const UpdateArgs& a, int enc, bool stats, int64_t b0,
+                  int64_t b1, int64_t n, int64_t* counts, double* bm) {
+  if (enc == kEncHi16 && a.sp.uniform)
+    return update_blocks<MODE, true, kKahan, kEncHi16, -1>(t, a, stats, b0, b1, n, counts, bm);
+  if (enc == kEncF32 && a.sp.uniform)
+    return update_blocks<MODE, true, kKahan, kEncF32, -1>(t, a, stats, b0, b1, n, counts, bm);
+  if (enc == kEnc16)
+    return update_blocks<MODE, false, kKahan, kEnc16, -1>(t, a, stats, b0, b1, n, counts, bm);
+  if (enc == kEncHi16)
+    return update_blocks<MODE, false, kKahan, kEncHi16, -1>(t, a, stats, b0, b1, n, counts, bm);
+  update_blocks<MODE, false, kKahan, kEncF32, -1>(t, a, stats, b0, b1, n, counts, bm);
+}
+
+void kahan_fast(const UpdatePtrs& t, const UpdateArgs& a, int enc, bool stats, int64_t b0,
+                int64_t b1, int64_t n, int64_t* counts, double* bm) {
+  if (a.mode == kNearestEven) return kahan_fast_m<kNearestEven>(t, a, enc, stats, b0, b1, n, counts, bm);
+  kahan_fast_m<kStochastic>(t, a, enc, stats, b0, b1, n, counts, bm);
+}
+
 void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int enc, bool stats,
                         int64_t b0, int64_t b1, int64_t n, int64_t* counts, double* bm) {
   // Fast paths: the replay step "fp32 master -> bf16/fp32 param" in the common modes.
@@ -500,6 +549,12 @@ void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int 
       default:
         break;
     }
+  }
+  // Kahan in the optimizers' modes (nearest-even, stochastic) and the storage formats
+  // they use (bf16, fp16, fp32): mode and format class fixed at compile time.
+  if (path == kKahan && (a.mode == kNearestEven || a.mode == kStochastic) &&
+      (enc == kEncHi16 || enc == kEnc16 || enc == kEncF32)) {
+    return kahan_fast(t, a, enc, stats, b0, b1, n, counts, bm);
   }
 #define GS_UPDATE_ENC(P)                                                         \
   switch (enc) {                                                                 \

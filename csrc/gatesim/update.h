@@ -196,9 +196,16 @@ GS_HD uint32_t storage_exact_fp32_ne_unit(float p, float d, float decay) {
 // format with at most 21 mantissa bits: 24 >= m + 2 bits keep that second rounding
 // correct). Round-to-odd in fp64 first, then the hardware conversion, stepped back toward
 // zero when it rounded away, with the last bit set when inexact. Branch-free.
+GS_HD uint32_t odd32(double x);
 GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
-  const double x = bits_f64(add_to_odd(canon64(static_cast<double>(p) * decay),
-                                       canon64(static_cast<double>(alpha) * d)));
+  return odd32(bits_f64(add_to_odd(canon64(static_cast<double>(p) * decay),
+                                   canon64(static_cast<double>(alpha) * d))));
+}
+
+// An fp64 value rounded to odd into fp32 (NaN in: the canonical NaN). Followed by a
+// nearest-even rounding to a format of at most 21 mantissa bits inside fp32's range, it
+// gives that rounding of x itself. Branch-free.
+GS_HD uint32_t odd32(double x) {
   const float f = static_cast<float>(x);
   const double back = static_cast<double>(f);
   const uint32_t inexact = (back != x ? 1u : 0u) & (x == x ? 1u : 0u);
@@ -208,6 +215,40 @@ GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
 
 GS_HD uint32_t storage_fp32_fp32_ne(float p, float d, float decay, float alpha) {
   return f32_bits(fma32(alpha, d, mul32(p, decay)));
+}
+
+// kahan_step's sum mode "fp32": torch-optimi's Kahan summation with every op in the
+// storage dtype:  c.add_(u); t = p; p.add_(c); c.add_(t.sub_(p))
+template <int MODE, bool UNIFORM>
+GS_HD void kahan_step_fp32sum(float p, float c, float d, const UpdateArgs& a, uint32_t r0,
+                              uint32_t r1, uint32_t& p_out, uint32_t& c_out) {
+  const Spec& spc = a.spc;
+  const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(mul32(p, a.decay)), a.sp, a.mode, r0));
+  const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
+      f32_bits(fma32(a.alpha, d, c)), spc, 0u));
+  const float p2 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(add32(p1, c1)), a.sp, a.mode, r1));
+  const float t = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(sub32(p1, p2)), spc, 0u));
+  p_out = f32_bits(p2);
+  c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(add32(c1, t)), spc, 0u);
+}
+
+// kahan_step's exact sums with nearest-even, for param and compensation formats of at
+// most 21 mantissa bits inside fp32's range: each exact value is rounded to odd into fp32
+// first (odd32), then to the format, which gives kahan_step's bits without its 64-bit
+// rounding (branch-free 32-bit work: the loop vectorizes).
+template <bool UNIFORM>
+GS_HD void kahan_step_exact_ne_narrow(float p, float c, float d, const UpdateArgs& a,
+                                      uint32_t& p_out, uint32_t& c_out) {
+  const Spec& spc = a.spc;
+  const float p1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
+      odd32(canon64(static_cast<double>(p) * a.decay)), a.sp, 0u));
+  const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
+      odd32(bits_f64(add_to_odd(c, canon64(static_cast<double>(a.alpha) * d)))), spc, 0u));
+  const float p2 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
+      odd32(bits_f64(add_to_odd(p1, c1))), a.sp, 0u));
+  const double lost = canon64(static_cast<double>(p1) - static_cast<double>(p2));  // as kahan_step
+  p_out = f32_bits(p2);
+  c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(odd32(bits_f64(add_to_odd(c1, lost))), spc, 0u);
 }
 
 template <int MODE, bool UNIFORM>
@@ -225,15 +266,7 @@ GS_HD void kahan_step(float p, float c, float d, const UpdateArgs& a, uint32_t r
     p_out = f32_bits(p2);
     c_out = round_bits<kNearestEven, false, uint64_t>(add_to_odd(c1, lost), spc, 0u);
   } else {
-    // torch-optimi's Kahan summation with every op in the storage dtype:
-    //   c.add_(u); t = p; p.add_(c); c.add_(t.sub_(p))
-    const float p1 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(mul32(p, a.decay)), a.sp, a.mode, r0));
-    const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
-        f32_bits(fma32(a.alpha, d, c)), spc, 0u));
-    const float p2 = bits_f32(round_m<MODE, UNIFORM, uint32_t>(f32_bits(add32(p1, c1)), a.sp, a.mode, r1));
-    const float t = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(sub32(p1, p2)), spc, 0u));
-    p_out = f32_bits(p2);
-    c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(f32_bits(add32(c1, t)), spc, 0u);
+    kahan_step_fp32sum<MODE, UNIFORM>(p, c, d, a, r0, r1, p_out, c_out);
   }
 }
 
