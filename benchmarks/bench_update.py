@@ -30,6 +30,7 @@ SLOW_WARMUP_ROUNDS = 2
 _REPLAY = uc.ReplayState.allocate()
 _REPLAY_CASES = {**uc.replay_reference_cases(_REPLAY), **uc.replay_gatesim_cases(_REPLAY)}
 _SLOW_NAMES = {uc.EAGER_NAIVE, uc.EAGER_STATS, uc.EAGER_PREALLOC}
+_STORAGE_CASES = uc.storage_cases(_REPLAY)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,17 @@ def _pedantic(benchmark, fn) -> None:
 def test_replay_agrees(compiled):
     """gatesim's bits and UpdateStats equal the eager (and compiled) torch reference's."""
     uc.check_replay(_REPLAY, compiled)
+
+
+def test_storage_agrees():
+    """bf16 storage and Kahan (sum="fp32") == the eager torch spellings' bits."""
+    uc.check_storage(_REPLAY)
+
+
+@pytest.mark.parametrize("name", list(_STORAGE_CASES))
+def test_storage(benchmark, name):
+    benchmark.group = "storage " + _group(name)
+    benchmark(_STORAGE_CASES[name])
 
 
 def test_optimizers_agree():

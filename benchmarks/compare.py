@@ -203,6 +203,11 @@ def prepare_update(size: int) -> Prepared:
                      "inside the fused comparison, so nearly every element counts as "
                      "changed); the timed compiled case uses "
                      f"`options={uc.COMPILE_OPTIONS}`, which agrees with eager.")
+    uc.check_storage(state)
+    notes.append("Without master weights, gatesim's bf16 storage and Kahan steps with "
+                 "sum='fp32' are bit-identical to the eager torch spellings (param.add_; "
+                 "torch-optimi's four ops) over 3 steps (checked before timing); the timed "
+                 "gatesim cases use the default exact sum.")
     same = uc.check_optimizers(shape)
     notes.append("EmulatedAdamW under the fp32 policy, and the fp32 master weights under "
                  "bf16 + master, are bit-identical to torch AdamW(foreach=False) after 3 "
@@ -212,7 +217,8 @@ def prepare_update(size: int) -> Prepared:
                              for name, ok in same.items()) + ".")
     opt_state = uc.OptimizerState.allocate(shape)
     cases = {**uc.replay_reference_cases(state), **uc.replay_gatesim_cases(state),
-             **uc.replay_compiled_cases(state, compiled), **uc.optimizer_cases(opt_state)}
+             **uc.replay_compiled_cases(state, compiled), **uc.storage_cases(state),
+             **uc.optimizer_cases(opt_state)}
     problem = (f"fp32 master weights N(0, {uc.MASTER_STD}), fp32 delta N(0, "
                f"{uc.DELTA_STD}) and a bf16 parameter, each of shape {_shape_text(shape)}, "
                "updated in place (every call is one more step); AdamW on one fp32 "
@@ -234,6 +240,11 @@ SUITE_DEFS = {
                [uc.COPY_16B, uc.ADD_16B, uc.EAGER_NO_STATS, uc.EAGER_NAIVE, uc.EAGER_STATS,
                 uc.EAGER_PREALLOC, uc.COMPILED_STATS, uc.GS_REPLAY, uc.GS_REPLAY_SR, uc.GS_REPLAY_NO_STATS],
                [("/ 16 B copy", uc.COPY_16B), ("/ eager with stats", uc.EAGER_STATS)]),
+         Group("bf16 parameter without master weights (+ fp32 delta; Kahan: + bf16 "
+               "compensation)",
+               [uc.COPY_8B, uc.EAGER_STORAGE, uc.EAGER_KAHAN, uc.GS_STORAGE,
+                uc.GS_STORAGE_NO_STATS, uc.GS_KAHAN],
+               [("/ 8 B copy", uc.COPY_8B), ("/ eager add_", uc.EAGER_STORAGE)]),
          Group("Optimizer step (one fp32 parameter, stats on for gatesim)",
                list(uc.OPTIMIZER_NAMES),
                [("/ torch AdamW foreach", uc.TORCH_ADAMW_FOREACH)])],

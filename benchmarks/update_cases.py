@@ -61,6 +61,12 @@ COMPILED_STATS = "torch.compile eager replay with stats"
 GS_REPLAY = "gatesim apply_update master RNE, stats"
 GS_REPLAY_SR = "gatesim apply_update master stochastic, stats"
 GS_REPLAY_NO_STATS = "gatesim apply_update master RNE, stats=False"
+COPY_8B = "torch copy_ fp32, N elements (8 B/elem, reference)"
+EAGER_STORAGE = "torch eager bf16 param.add_(delta), no stats"
+EAGER_KAHAN = "torch eager Kahan bf16 (torch-optimi's four ops), no stats"
+GS_STORAGE = "gatesim apply_update bf16 storage RNE, stats"
+GS_STORAGE_NO_STATS = "gatesim apply_update bf16 storage RNE, stats=False"
+GS_KAHAN = "gatesim apply_update bf16 Kahan RNE, stats"
 
 TORCH_ADAMW_FOREACH = "torch AdamW foreach=True (reference)"
 TORCH_ADAMW_SINGLE = "torch AdamW foreach=False"
@@ -101,6 +107,12 @@ class ReplayState:
     add_a: torch.Tensor  # fp32, 4N/3, updated in place
     add_b: torch.Tensor  # fp32, 4N/3
     eager_buffers: "EagerBuffers"
+    # storage without master weights: a bf16 parameter of its own, and a Kahan pair
+    # (the kernels read param 2 B + delta 4 B and write param 2 B: 8 B/element, the
+    # bytes of an N-element fp32 copy; Kahan adds the compensation's 4 B)
+    storage_param: torch.Tensor
+    kahan_param: torch.Tensor
+    kahan_comp: torch.Tensor
 
     @classmethod
     def allocate(cls, shape=DEFAULT_SHAPE, seed: int = INPUT_SEED) -> "ReplayState":
@@ -112,7 +124,9 @@ class ReplayState:
         return cls(master=master, delta=delta, param=master.to(torch.bfloat16),
                    copy_src=torch.randn(2 * n, generator=gen), copy_dst=torch.empty(2 * n),
                    add_a=torch.zeros(n_add), add_b=torch.full((n_add,), 1e-30),
-                   eager_buffers=EagerBuffers(delta))
+                   eager_buffers=EagerBuffers(delta),
+                   storage_param=master.to(torch.bfloat16), kahan_param=master.to(torch.bfloat16),
+                   kahan_comp=torch.zeros(shape, dtype=torch.bfloat16))
 
     def clone(self) -> "ReplayState":
         """Independent copy of master/delta/param (the copy buffers are shared)."""
@@ -274,6 +288,44 @@ def replay_gatesim_cases(s: ReplayState) -> Dict[str, Case]:
         GS_REPLAY_NO_STATS: lambda: gatesim.apply_update(s.param, s.delta, master=s.master,
                                                          stats=False),
     }
+
+
+def eager_kahan(param: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor) -> None:
+    """torch-optimi's Kahan-compensated update in bf16 (gatesim's sum="fp32" Kahan)."""
+    comp.add_(delta)
+    t = param.clone()
+    param.add_(comp)
+    comp.add_(t.sub_(param))
+
+
+def storage_cases(s: ReplayState) -> Dict[str, Case]:
+    """The bf16 parameter updated without master weights: plain and Kahan-compensated."""
+    n = s.delta.numel()
+    return {
+        COPY_8B: lambda: s.copy_dst[:n].copy_(s.copy_src[:n]),
+        EAGER_STORAGE: lambda: s.storage_param.add_(s.delta),
+        EAGER_KAHAN: lambda: eager_kahan(s.kahan_param, s.kahan_comp, s.delta),
+        GS_STORAGE: lambda: gatesim.apply_update(s.storage_param, s.delta),
+        GS_STORAGE_NO_STATS: lambda: gatesim.apply_update(s.storage_param, s.delta, stats=False),
+        GS_KAHAN: lambda: gatesim.apply_update(s.kahan_param, s.delta, compensation=s.kahan_comp),
+    }
+
+
+def check_storage(s: ReplayState, steps: int = 3) -> None:
+    """gatesim's sum="fp32" storage and Kahan steps give the eager torch spellings' bits
+    (copies of the state, so the timed tensors are left alone); AssertionError if not."""
+    p_t, p_g = s.storage_param.clone(), s.storage_param.clone()
+    kp_t, kc_t = s.kahan_param.clone(), s.kahan_comp.clone()
+    kp_g, kc_g = s.kahan_param.clone(), s.kahan_comp.clone()
+    for _ in range(steps):
+        p_t.add_(s.delta)
+        gatesim.apply_update(p_g, s.delta, sum="fp32", stats=False)
+        eager_kahan(kp_t, kc_t, s.delta)
+        gatesim.apply_update(kp_g, s.delta, compensation=kc_g, sum="fp32", stats=False)
+    for what, a, b in (("bf16 storage", p_t, p_g), ("Kahan param", kp_t, kp_g),
+                       ("Kahan compensation", kc_t, kc_g)):
+        if not torch.equal(a.view(torch.int16), b.view(torch.int16)):
+            raise AssertionError(f"{what}: gatesim (sum='fp32') and eager torch differ")
 
 
 #: Inductor by default keeps the bf16 value of ``master.to(torch.bfloat16)`` in fp32 registers

@@ -186,6 +186,44 @@ def test_kahan_fast_paths_equal_twin(data, n, fmt, mode, sum_mode):
                                         torch.tensor([mass], dtype=torch.float64))
 
 
+@settings(max_examples=100)
+@given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
+def test_bf16_storage_unit_fast_path_equals_twin(data, n):
+    """bf16 storage, alpha 1, no decay (the replay step on a bf16 parameter alone) has a
+    hand-written AVX-512 kernel fused with its statistics and, without statistics, a
+    TwoSum-in-fp32 loop: held to the twin on ragged lengths, both sum modes, with every
+    special value, sums past fp32's range and updates within an fp32 ulp of half a bf16
+    ulp of the weight (where rounding the fp32 sum would round twice)."""
+    fmt = gatesim.BF16
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    sprinkle = sprinkler(rng, data.draw(st.sampled_from([0.0, 0.01, 0.2])))
+    p32 = gatesim.quantize(torch.from_numpy(
+        sprinkle((rng.standard_normal(n) * 0.02).astype(np.float32))), fmt).numpy()
+    d = rng.standard_normal(n) * data.draw(st.sampled_from([1e-12, 1e-9, 1e-5, 1e-3, 1e30]))
+    d = sprinkle(d.astype(np.float32))
+    near = rng.random(n) < 0.25
+    with np.errstate(all="ignore"):
+        half = gatesim.ulp(torch.from_numpy(p32), fmt).numpy().astype(np.float64) / 2
+        wobble = 1 + rng.choice([-1.0, 1.0], n) * np.ldexp(1.0, rng.integers(-30, -14, n))
+        d = np.where(near & np.isfinite(p32), rng.choice([-1.0, 1.0], n) * half * wobble,
+                     d).astype(np.float32)
+    if data.draw(st.booleans()):
+        d[::5] = 0.0
+    stats_on = data.draw(st.booleans())
+    sum_mode = data.draw(st.sampled_from(SUM_MODES))
+    param = torch.from_numpy(p32.copy()).to(torch.bfloat16)
+    with np.errstate(all="ignore"):
+        stats = gatesim.apply_update(param, torch.from_numpy(d), sum=sum_mode, stats=stats_on)
+        pn, _, _, counts, mass = ref.apply_update(
+            p32, d, np.zeros(n, np.float32), np.zeros(n, np.float32), ref.STORAGE,
+            np.array(fmt.op_args(), dtype=np.int64), mode_index("nearest_even"),
+            SUM_MODES.index(sum_mode), 1.0, 1.0, 0, 0, 0)
+    assert_same_bits(param.float(), pn, f"param {sum_mode}", any_nan=True)
+    if stats_on:
+        assert stats == UpdateStats.from_op(torch.from_numpy(counts),
+                                            torch.tensor([mass], dtype=torch.float64))
+
+
 @settings(max_examples=150)
 @given(data=st.data(), n=st.sampled_from([1, 15, 16, 17, 511, 513, 4095, 4097, 9000]))
 def test_replay_step_fast_path_equals_twin(data, n):

@@ -53,6 +53,7 @@ struct ReplayScale {
 struct ReplayConsts {
   __m512i abs32 = _mm512_set1_epi32(0x7FFFFFFF);
   __m512i inf32 = _mm512_set1_epi32(0x7F800000);
+  __m512i max32 = _mm512_set1_epi32(0x7F7FFFFF);
   __m512i qnan = _mm512_set1_epi32(0x7FC00000);
   __m512i rne_bias = _mm512_set1_epi32(0x7FFF);
   __m512i one32 = _mm512_set1_epi32(1);
@@ -361,6 +362,128 @@ inline void storage_fp32_ne_avx512(uint32_t* __restrict__ p32, const float* __re
     storage16<false>(p32, dl, j, 0xFFFF, ex, c, sc, cc, bins, mass64);
   }
   if (j < cnt) storage16<true>(p32, dl, j, tail_mask(cnt - j), ex, c, sc, cc, bins, mass64);
+  cc.flush(counts7);
+}
+
+// The bf16 storage step without master weights, alpha = 1 and no decay (the replay step
+// on a bf16 parameter alone): p <- round_bf16(p + delta), nearest-even, in the chosen sum
+// mode, fused with its statistics (update_run's NARROW_NE storage loop with UNIT followed
+// by stats_run: the same outputs, bit for bit). The exact sum is sum_odd32_unit in vector
+// form (fp32 TwoSum, stepped back when it rounded away, last bit set when inexact); the
+// "fp32" sum rounds fl32(p + delta). u = delta, so the statistics are replay16's 32-bit
+// ones; masses go out as fp64 (the storage path's mass buffer).
+template <bool TAIL>
+inline __attribute__((always_inline)) void storage_bf16_unit16(
+    uint16_t* __restrict__ p16, const float* __restrict__ dl, int64_t j, __mmask16 km,
+    __mmask16 exact, const ReplayConsts& c, LaneCounts& cc, int8_t* __restrict__ bins,
+    double* __restrict__ mass64) {
+  if (!TAIL) {
+    _mm_prefetch(reinterpret_cast<const char*>(dl + j + kPrefetch), _MM_HINT_T1);
+    if ((j & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p16 + j + kPrefetch), _MM_HINT_T1);
+  }
+  const __m512 dv = TAIL ? _mm512_maskz_loadu_ps(km, dl + j) : _mm512_loadu_ps(dl + j);
+  const __m256i po = TAIL ? _mm256_maskz_loadu_epi16(km, p16 + j)
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p16 + j));
+  const __m512i pb = _mm512_slli_epi32(_mm512_cvtepu16_epi32(po), 16);
+  const __m512 pv = _mm512_castsi512_ps(pb);
+  const __m512i db = _mm512_castps_si512(dv);
+  // sum_odd32_unit: s = p + d and its exact error e (TwoSum)
+  const __m512 sv = _mm512_add_ps(pv, dv);
+  const __m512 p_in_s = _mm512_sub_ps(sv, dv);
+  const __m512 d_in_s = _mm512_sub_ps(sv, p_in_s);
+  const __m512 e = _mm512_add_ps(_mm512_sub_ps(dv, d_in_s), _mm512_sub_ps(pv, p_in_s));
+  const __m512i sb = _mm512_castps_si512(sv);
+  const __mmask16 finite_in = static_cast<__mmask16>(
+      ~(_mm512_cmpeq_epi32_mask(_mm512_and_si512(pb, c.inf32), c.inf32) |
+        _mm512_cmpeq_epi32_mask(_mm512_and_si512(db, c.inf32), c.inf32)));
+  const __mmask16 overflow =
+      finite_in & _mm512_cmpeq_epi32_mask(_mm512_and_si512(sb, c.inf32), c.inf32);
+  const __mmask16 inexact = static_cast<__mmask16>(
+      _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ) & ~overflow & finite_in);
+  const __mmask16 away = inexact & _mm512_movepi32_mask(_mm512_xor_si512(_mm512_castps_si512(e), sb));
+  __m512i odd = _mm512_mask_sub_epi32(sb, away, sb, c.one32);
+  odd = _mm512_mask_or_epi32(odd, inexact, odd, c.one32);
+  odd = _mm512_mask_mov_epi32(odd, overflow,
+                              _mm512_or_si512(_mm512_andnot_si512(c.abs32, sb), c.max32));
+  const __mmask16 snan = _mm512_cmp_ps_mask(sv, sv, _CMP_UNORD_Q);
+  odd = _mm512_mask_mov_epi32(odd, snan, c.qnan);
+  const __m512i fs = _mm512_mask_mov_epi32(sb, snan, c.qnan);  // the fp32 sum, canonical
+  // nearest-even to bf16 of both (round_ne_uniform with d = 16, as replay16)
+  const auto rne16 = [&](__m512i u) {
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), c.one32);
+    return _mm512_cvtepi32_epi16(
+        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, c.rne_bias), lsb), 16));
+  };
+  const __m256i pe = rne16(odd), pf = rne16(fs);
+  const __m256i pn = _mm256_mask_mov_epi16(pf, exact, pe);
+  if (TAIL) _mm256_mask_storeu_epi16(p16 + j, km, pn);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), pn);
+  const __mmask16 differs = _mm256_mask_cmpneq_epi16_mask(km, pe, pf);
+  // changed: stored bits differ, +0 == -0 (a NaN stored before: rare path below)
+  const __mmask16 same = _mm256_cmpeq_epi16_mask(po, pn) |
+                         _mm256_testn_epi16_mask(_mm256_or_si256(po, pn), c.abs16);
+  __mmask16 changed = static_cast<__mmask16>(~same & km);
+  // u = delta: zero test and histogram bin in 16-bit lanes (replay16)
+  const __mmask16 zero = _mm512_mask_testn_epi32_mask(km, db, c.abs32);
+  const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
+  const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
+  __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
+  k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
+  k = _mm256_mask_mov_epi16(k, zero, c.none16);
+  __m128i k8 = _mm256_cvtepi16_epi8(k);
+  // Rare: a subnormal or non-finite delta, a non-finite value stored before or after.
+  const __mmask16 rare = static_cast<__mmask16>(
+      (_mm512_fpclass_ps_mask(dv, 0xB9) |
+       _mm256_cmpeq_epi16_mask(_mm256_and_si256(po, c.exp16), c.exp16) |
+       _mm256_cmpeq_epi16_mask(_mm256_and_si256(pn, c.exp16), c.exp16)) & km);
+  if (__builtin_expect(rare != 0, 0)) {
+    alignas(32) uint16_t pob[16], pnb[16];
+    alignas(64) uint32_t dbb[16];
+    alignas(16) int8_t kb[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
+    _mm512_store_si512(dbb, db);
+    _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
+    for (int l = 0; l < 16; ++l) {
+      if (!((rare >> l) & 1u)) continue;
+      const uint32_t o = static_cast<uint32_t>(pob[l]) << 16;
+      const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
+      const uint32_t f = element_flags(o, n, dbb[l], static_cast<double>(bits_f32(dbb[l])), 0u);
+      changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
+      cc.nf[0] += (f >> 3) & 1u;
+      cc.nf[1] += (f >> 4) & 1u;
+      cc.nf[2] += (f >> 5) & 1u;
+      kb[l] = static_cast<int8_t>(element_bin32_uniform(o, dbb[l], c.m));
+    }
+    k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
+  }
+  const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
+  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
+  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
+  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
+  cc.differs = _mm512_mask_add_epi32(cc.differs, differs, cc.differs, c.one32);
+  if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
+  const __m512d u_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(dv));
+  const __m512d u_hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)));
+  _mm512_mask_storeu_pd(mass64 + j, static_cast<__mmask8>(km),
+                        absorbed_abs(u_lo, static_cast<__mmask8>(absorbed)));
+  _mm512_mask_storeu_pd(mass64 + j + 8, static_cast<__mmask8>(km >> 8),
+                        absorbed_abs(u_hi, static_cast<__mmask8>(absorbed >> 8)));
+}
+
+// Elements [0, cnt) of one run of the bf16 storage step (see storage_bf16_unit16); sp is
+// BF16's Spec.
+inline void storage_bf16_unit_avx512(uint16_t* __restrict__ p16, const float* __restrict__ dl,
+                                     int64_t cnt, const Spec& sp, bool exact,
+                                     uint32_t* __restrict__ counts7, int8_t* __restrict__ bins,
+                                     double* __restrict__ mass64) {
+  const ReplayConsts c(sp);
+  const __mmask16 ex = exact ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
+  LaneCounts cc;
+  int64_t j = 0;
+  for (; j + 16 <= cnt; j += 16) storage_bf16_unit16<false>(p16, dl, j, 0xFFFF, ex, c, cc, bins, mass64);
+  if (j < cnt) storage_bf16_unit16<true>(p16, dl, j, tail_mask(cnt - j), ex, c, cc, bins, mass64);
   cc.flush(counts7);
 }
 

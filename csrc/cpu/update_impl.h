@@ -171,9 +171,10 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // since every format lies inside fp32's range), then to the format.
     constexpr bool NARROW_NE = !SIMPLE && MODE == kNearestEven;
     const uint32_t exact = a.sum_mode == kSumExact ? 1u : 0u;
-    // UNIT (FP32NE with alpha == 1, the optimizers' case): the exact p * decay + d is one
-    // hardware fma, no fp64 TwoSum. A loop per case: a select on the loop-invariant alpha
-    // would compute both.
+    // UNIT: FP32NE with alpha == 1 (the optimizers' case): the exact p * decay + d is one
+    // hardware fma, no fp64 TwoSum; NARROW_NE with alpha == 1 and no decay (the replay
+    // step without master weights): p + d by TwoSum in fp32 (sum_odd32_unit). A loop per
+    // case: a select on the loop-invariant alpha would compute both.
     const auto storage_loop = [&](auto unit_tag) {
       constexpr bool UNIT = decltype(unit_tag)::value;
 #pragma omp simd
@@ -187,7 +188,8 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
                     : storage_exact_fp32_ne(p, d, decay, alpha);
           pf = storage_fp32_fp32_ne(p, d, decay, alpha);
         } else if (NARROW_NE) {
-          pe = round_m<MODE, UNIFORM, uint32_t>(exact_sum_odd32(p, d, decay, alpha), sp, a.mode, 0u);
+          pe = round_m<MODE, UNIFORM, uint32_t>(
+              UNIT ? sum_odd32_unit(p, d) : exact_sum_odd32(p, d, decay, alpha), sp, a.mode, 0u);
           pf = storage_step<MODE, UNIFORM>(p, d, a, kSumFp32, 0u, 0u);
         } else {
           pe = storage_step<MODE, UNIFORM>(p, d, a, kSumExact, r0[j], r1[j]);
@@ -208,7 +210,17 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       return;
     }
 #endif
-    if (FP32NE && alpha == 1.0f) storage_loop(BoolTag<true>{});
+#if defined(GS_ISA_AVX512)
+    // bf16 storage, alpha 1, no decay, with statistics: fused (replay_avx512.h)
+    if (NARROW_NE && ENC == kEncHi16 && STATS > 0 && sp.fast_ne && sp.m == 7 &&
+        alpha == 1.0f && decay == 1.0f) {
+      storage_bf16_unit_avx512(static_cast<uint16_t*>(param) + i0, dl, cnt, sp, exact != 0,
+                               counts7, bins + (i0 - blk0), mass + (i0 - blk0));
+      return;
+    }
+#endif
+    if ((FP32NE && alpha == 1.0f) || (NARROW_NE && alpha == 1.0f && decay == 1.0f))
+      storage_loop(BoolTag<true>{});
     else storage_loop(BoolTag<false>{});
   } else if (PATH == kMaster) {
 #if defined(GS_ISA_AVX512)

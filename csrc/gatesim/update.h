@@ -192,16 +192,6 @@ GS_HD uint32_t storage_exact_fp32_ne_unit(float p, float d, float decay) {
   return f32_bits(fma32(p, decay, d));
 }
 
-// The exact p * decay + alpha * d rounded to odd into fp32 (for rounding on to a uniform
-// format with at most 21 mantissa bits: 24 >= m + 2 bits keep that second rounding
-// correct). Round-to-odd in fp64 first, then the hardware conversion, stepped back toward
-// zero when it rounded away, with the last bit set when inexact. Branch-free.
-GS_HD uint32_t odd32(double x);
-GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
-  return odd32(bits_f64(add_to_odd(canon64(static_cast<double>(p) * decay),
-                                   canon64(static_cast<double>(alpha) * d))));
-}
-
 // An fp64 value rounded to odd into fp32 (NaN in: the canonical NaN). Followed by a
 // nearest-even rounding to a format of at most 21 mantissa bits inside fp32's range, it
 // gives that rounding of x itself. Branch-free.
@@ -211,6 +201,40 @@ GS_HD uint32_t odd32(double x) {
   const uint32_t inexact = (back != x ? 1u : 0u) & (x == x ? 1u : 0u);
   const uint32_t away = inexact & ((back < 0.0 ? -back : back) > (x < 0.0 ? -x : x) ? 1u : 0u);
   return (f32_bits(f) - away) | inexact;
+}
+
+// The exact p * decay + alpha * d rounded to odd into fp32 (for rounding on to a uniform
+// format with at most 21 mantissa bits: 24 >= m + 2 bits keep that second rounding
+// correct). Round-to-odd in fp64 first, then the hardware conversion, stepped back toward
+// zero when it rounded away, with the last bit set when inexact. Branch-free.
+GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
+  return odd32(bits_f64(add_to_odd(canon64(static_cast<double>(p) * decay),
+                                   canon64(static_cast<double>(alpha) * d))));
+}
+
+// exact_sum_odd32 for alpha == 1 and no decay: p + d by TwoSum in fp32 (16 lanes where
+// fp64 gives 8; the error term is exact whenever the sum is finite). Stepped back toward
+// zero when the sum rounded away, last bit set when inexact. A sum of finite inputs past
+// fp32's range gives +-FLT_MAX, odd, as the fp64 detour does; inf and NaN inputs give
+// their sum (NaN canonical).
+GS_HD uint32_t sum_odd32_unit(float p, float d) {
+  // Integer selects throughout (NaN made canonical at the end, not by canon32): with a
+  // float select in it, GCC 12 does not vectorize the callers' loops.
+  const float s = p + d;
+  const float pv = s - d;  // Knuth's TwoSum: the parts of p and d that s holds
+  const float dv = s - pv;
+  const float e = (d - dv) + (p - pv);
+  const uint32_t sb = f32_bits(s);
+  const uint32_t finite_in = ((f32_bits(p) & 0x7F800000u) != 0x7F800000u ? 1u : 0u) &
+                             ((f32_bits(d) & 0x7F800000u) != 0x7F800000u ? 1u : 0u);
+  const uint32_t overflow = finite_in & ((sb & 0x7F800000u) == 0x7F800000u ? 1u : 0u);
+  const uint32_t inexact = (e != 0.0f ? 1u : 0u) & (1u - overflow) & finite_in;
+  const uint32_t away = inexact & ((f32_bits(e) ^ sb) >> 31);
+  const uint32_t r = (sb - away) | inexact;
+  const uint32_t big = (sb & 0x80000000u) | 0x7F7FFFFFu;
+  const uint32_t r2 = r ^ ((r ^ big) & (0u - overflow));
+  const uint32_t nan = (sb & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+  return r2 ^ ((r2 ^ 0x7FC00000u) & (0u - nan));
 }
 
 GS_HD uint32_t storage_fp32_fp32_ne(float p, float d, float decay, float alpha) {
