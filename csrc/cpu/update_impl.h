@@ -211,8 +211,9 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     }
 #endif
 #if defined(GS_ISA_AVX512)
-    // bf16 storage, alpha 1, no decay, with statistics: fused (replay_avx512.h)
-    if (NARROW_NE && ENC == kEncHi16 && STATS > 0 && sp.fast_ne && sp.m == 7 &&
+    // bf16 storage, alpha 1, no decay: fused with its statistics (replay_avx512.h); also
+    // without them (update_blocks then drops them): faster than the portable loop
+    if (NARROW_NE && ENC == kEncHi16 && STATS >= 0 && sp.fast_ne && sp.m == 7 &&
         alpha == 1.0f && decay == 1.0f) {
       storage_bf16_unit_avx512(static_cast<uint16_t*>(param) + i0, dl, cnt, sp, exact != 0,
                                counts7, bins + (i0 - blk0), mass + (i0 - blk0));
