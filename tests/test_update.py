@@ -176,12 +176,44 @@ def test_kahan_fast_paths_equal_twin(data, n, fmt, mode, sum_mode):
     tie = rng.random(n) < 0.25
     d[tie] = near_midpoints(rng, fmt, alpha, int(tie.sum()))
     comp32[tie] = 0.0
+    # Another quarter with alpha * delta within an fp32 ulp of half an ulp of the
+    # compensation: c + alpha * delta then lies near a midpoint of fmt, and its fp32 sum
+    # on one (how the exact sum c1 must not be formed).
+    near = ~tie & (rng.random(n) < 1 / 3) & np.isfinite(comp32)
+    with np.errstate(all="ignore"):
+        half = gatesim.ulp(torch.from_numpy(comp32), fmt).numpy().astype(np.float64) / 2
+        wobble = 1 + rng.choice([-1.0, 1.0], n) * np.ldexp(1.0, rng.integers(-30, -14, n))
+        d = np.where(near, rng.choice([-1.0, 1.0], n) * half * wobble / np.float32(alpha),
+                     d).astype(np.float32)
     with np.errstate(all="ignore"):
         param, _, c_t, stats, (pn, _, cn, counts, mass) = run_both(
             p32, d, fmt, mode, "kahan", sum_mode, alpha, decay, 11, 5, 3,
             data.draw(st.booleans()), None, comp32)
     assert_same_bits(param.float(), pn, f"param {fmt} {mode} {sum_mode}", any_nan=True)
     assert_same_bits(c_t.float(), cn, f"compensation {fmt} {mode} {sum_mode}", any_nan=True)
+    assert stats == UpdateStats.from_op(torch.from_numpy(counts),
+                                        torch.tensor([mass], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fmt", [gatesim.BF16, gatesim.FP16, gatesim.E4M3FN])
+@pytest.mark.parametrize("alpha,decay", [(1.0, 1.0), (-0.01, 1.0), (3.0, 0.999)])
+def test_kahan_exact_sums_near_midpoints_equal_twin(fmt, alpha, decay):
+    """Kahan with exact sums and nearest-even, in each of its loops (no decay and alpha 1;
+    no decay; the general one), with c + alpha * delta within an fp32 ulp of a midpoint
+    of fmt for most elements: the sums that must be rounded once, not via fp32."""
+    rng = np.random.default_rng(7)
+    n = 4097
+    q = lambda a: gatesim.quantize(torch.from_numpy(a.astype(np.float32)), fmt).numpy()
+    p32 = q(rng.standard_normal(n) * 0.02)
+    comp32 = q(rng.standard_normal(n) * 1e-3)
+    half = gatesim.ulp(torch.from_numpy(comp32), fmt).numpy().astype(np.float64) / 2
+    wobble = 1 + rng.choice([-1.0, 1.0], n) * np.ldexp(1.0, rng.integers(-30, -14, n))
+    d = (rng.choice([-1.0, 1.0], n) * half * wobble / np.float32(alpha)).astype(np.float32)
+    param, _, c_t, stats, (pn, _, cn, counts, mass) = run_both(
+        p32, d, fmt, "nearest_even", "kahan", "exact", alpha, decay, None, 0, 0, True, None,
+        comp32)
+    assert_same_bits(param.float(), pn, "param", any_nan=True)
+    assert_same_bits(c_t.float(), cn, "compensation", any_nan=True)
     assert stats == UpdateStats.from_op(torch.from_numpy(counts),
                                         torch.tensor([mass], dtype=torch.float64))
 

@@ -251,7 +251,8 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     // Kahan with the mode known at compile time (nearest-even, stochastic), one loop per
     // sum mode (a select on the loop-invariant mode would compute both): K 0 the exact
     // sums by kahan_step, 1 the same by 32-bit roundings (nearest-even, formats of at
-    // most 21 bits), 2 sum mode "fp32".
+    // most 21 bits; 3 without decay, 4 also with alpha 1: kahan_step_exact_ne_narrow's
+    // SIMPLER), 2 sum mode "fp32".
     const auto kahan_loop = [&](auto k_tag) {
       constexpr int K = decltype(k_tag)::value;
 #pragma omp simd
@@ -262,6 +263,8 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
         const float c = bits_f32(load_code<ENC>(t.comp, i0 + j, a.spc));
         uint32_t pn, cn;
         if (K == 1) kahan_step_exact_ne_narrow<UNIFORM>(p, c, d, a, pn, cn);
+        else if (K == 3) kahan_step_exact_ne_narrow<UNIFORM, 1>(p, c, d, a, pn, cn);
+        else if (K == 4) kahan_step_exact_ne_narrow<UNIFORM, 2>(p, c, d, a, pn, cn);
         else if (K == 2) kahan_step_fp32sum<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
         else kahan_step<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
         store_code<ENC>(t.comp, i0 + j, cn, a.spc);
@@ -273,8 +276,11 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
       }
     };
     if (a.sum_mode != kSumExact) kahan_loop(std::integral_constant<int, 2>{});
-    else if (MODE == kNearestEven && sp.m <= 21 && a.spc.m <= 21)
-      kahan_loop(std::integral_constant<int, 1>{});
+    else if (MODE == kNearestEven && sp.m <= 21 && a.spc.m <= 21) {
+      if (decay != 1.0f) kahan_loop(std::integral_constant<int, 1>{});
+      else if (alpha != 1.0f) kahan_loop(std::integral_constant<int, 3>{});
+      else kahan_loop(std::integral_constant<int, 4>{});
+    }
     else kahan_loop(std::integral_constant<int, 0>{});
   } else {
     for (int64_t j = 0; j < cnt; ++j) {

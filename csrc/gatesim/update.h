@@ -217,6 +217,12 @@ GS_HD uint32_t exact_sum_odd32(float p, float d, float decay, float alpha) {
 // zero when the sum rounded away, last bit set when inexact. A sum of finite inputs past
 // fp32's range gives +-FLT_MAX, odd, as the fp64 detour does; inf and NaN inputs give
 // their sum (NaN canonical).
+// fp32 bits with a NaN made canonical, by integer select (see sum_odd32_unit).
+GS_HD uint32_t canon_bits32(uint32_t b) {
+  const uint32_t nan = (b & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+  return b ^ ((b ^ 0x7FC00000u) & (0u - nan));
+}
+
 GS_HD uint32_t sum_odd32_unit(float p, float d) {
   // Integer selects throughout (NaN made canonical at the end, not by canon32): with a
   // float select in it, GCC 12 does not vectorize the callers' loops.
@@ -233,8 +239,8 @@ GS_HD uint32_t sum_odd32_unit(float p, float d) {
   const uint32_t r = (sb - away) | inexact;
   const uint32_t big = (sb & 0x80000000u) | 0x7F7FFFFFu;
   const uint32_t r2 = r ^ ((r ^ big) & (0u - overflow));
-  const uint32_t nan = (sb & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
-  return r2 ^ ((r2 ^ 0x7FC00000u) & (0u - nan));
+  // s is NaN exactly when r2 is (r2 = sb unless the inputs are finite)
+  return canon_bits32(r2);
 }
 
 GS_HD uint32_t storage_fp32_fp32_ne(float p, float d, float decay, float alpha) {
@@ -260,16 +266,22 @@ GS_HD void kahan_step_fp32sum(float p, float c, float d, const UpdateArgs& a, ui
 // most 21 mantissa bits inside fp32's range: each exact value is rounded to odd into fp32
 // first (odd32), then to the format, which gives kahan_step's bits without its 64-bit
 // rounding (branch-free 32-bit work: the loop vectorizes).
-template <bool UNIFORM>
+// SIMPLER: 0 in general; 1 without decay (p1 rounds the fp32 value p itself, and p1 + c1,
+// a sum of two fp32 values, goes through sum_odd32_unit); 2 also with alpha == 1 (so does
+// c + d). The same bits in every case; only the work differs.
+template <bool UNIFORM, int SIMPLER = 0>
 GS_HD void kahan_step_exact_ne_narrow(float p, float c, float d, const UpdateArgs& a,
                                       uint32_t& p_out, uint32_t& c_out) {
   const Spec& spc = a.spc;
   const float p1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
-      odd32(canon64(static_cast<double>(p) * a.decay)), a.sp, 0u));
+      SIMPLER >= 1 ? canon_bits32(f32_bits(p)) : odd32(canon64(static_cast<double>(p) * a.decay)),
+      a.sp, 0u));
   const float c1 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
-      odd32(bits_f64(add_to_odd(c, canon64(static_cast<double>(a.alpha) * d)))), spc, 0u));
+      SIMPLER >= 2 ? sum_odd32_unit(c, d)
+                   : odd32(bits_f64(add_to_odd(c, canon64(static_cast<double>(a.alpha) * d)))),
+      spc, 0u));
   const float p2 = bits_f32(round_bits<kNearestEven, UNIFORM, uint32_t>(
-      odd32(bits_f64(add_to_odd(p1, c1))), a.sp, 0u));
+      SIMPLER >= 1 ? sum_odd32_unit(p1, c1) : odd32(bits_f64(add_to_odd(p1, c1))), a.sp, 0u));
   const double lost = canon64(static_cast<double>(p1) - static_cast<double>(p2));  // as kahan_step
   p_out = f32_bits(p2);
   c_out = round_bits<kNearestEven, UNIFORM, uint32_t>(odd32(bits_f64(add_to_odd(c1, lost))), spc, 0u);
