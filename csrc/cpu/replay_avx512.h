@@ -91,6 +91,23 @@ struct LaneCounts {
   // user-provided: GCC does not give an implicit constructor the file's target pragma
   LaneCounts()
       : changed(_mm512_setzero_si512()), absorbed(changed), zero(changed), differs(changed) {}
+  // A rare lane's flags (element_flags): its changed bit, and the non-finite counts.
+  void rare_lane(uint32_t f, int l, __mmask16& changed) {
+    changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
+    nf[0] += (f >> 3) & 1u;
+    nf[1] += (f >> 4) & 1u;
+    nf[2] += (f >> 5) & 1u;
+  }
+  // The 16 lanes' changed, absorbed (non-zero update, unchanged bits), zero and differs
+  // flags; returns absorbed.
+  __mmask16 add(__mmask16 km, __mmask16 ch, __mmask16 zr, __mmask16 df, __m512i one) {
+    const __mmask16 ab = static_cast<__mmask16>(~zr & ~ch & km);
+    changed = _mm512_mask_add_epi32(changed, ch, changed, one);
+    absorbed = _mm512_mask_add_epi32(absorbed, ab, absorbed, one);
+    zero = _mm512_mask_add_epi32(zero, zr, zero, one);
+    differs = _mm512_mask_add_epi32(differs, df, differs, one);
+    return ab;
+  }
   // lane counts stay far below 2^31 (a run is at most one block)
   void flush(uint32_t* counts7) const {
     counts7[0] += static_cast<uint32_t>(_mm512_reduce_add_epi32(changed));
@@ -214,19 +231,13 @@ inline __attribute__((always_inline)) void replay16(
       const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
       const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
       const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
-      changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
-      cc.nf[0] += (f >> 3) & 1u;
-      cc.nf[1] += (f >> 4) & 1u;
-      cc.nf[2] += (f >> 5) & 1u;
+      cc.rare_lane(f, l, changed);
       kb[l] = static_cast<int8_t>(SCALED ? element_bin(o, ul, c.emin, c.m, c.msub)
                                          : element_bin32_uniform(o, dbb[l], c.m));
     }
     k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
-  const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
-  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
-  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
-  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
+  const __mmask16 absorbed = cc.add(km, changed, zero, 0, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
   if (SCALED) {
@@ -327,19 +338,12 @@ inline __attribute__((always_inline)) void storage16(
     for (int l = 0; l < 16; ++l) {
       if (!((rare >> l) & 1u)) continue;
       const uint32_t f = element_flags(pob[l], pnb[l], dbb[l], ub[l], 0u);
-      changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
-      cc.nf[0] += (f >> 3) & 1u;
-      cc.nf[1] += (f >> 4) & 1u;
-      cc.nf[2] += (f >> 5) & 1u;
+      cc.rare_lane(f, l, changed);
       kb[l] = static_cast<int8_t>(element_bin(pob[l], ub[l], c.emin, c.m, c.msub));
     }
     k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
-  const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
-  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
-  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
-  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
-  cc.differs = _mm512_mask_add_epi32(cc.differs, differs, cc.differs, c.one32);
+  const __mmask16 absorbed = cc.add(km, changed, zero, differs, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
   _mm512_mask_storeu_pd(mass64 + j, static_cast<__mmask8>(km),
@@ -449,19 +453,12 @@ inline __attribute__((always_inline)) void storage_bf16_unit16(
       const uint32_t o = static_cast<uint32_t>(pob[l]) << 16;
       const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
       const uint32_t f = element_flags(o, n, dbb[l], static_cast<double>(bits_f32(dbb[l])), 0u);
-      changed = static_cast<__mmask16>((changed & ~(1u << l)) | ((f & 1u) << l));
-      cc.nf[0] += (f >> 3) & 1u;
-      cc.nf[1] += (f >> 4) & 1u;
-      cc.nf[2] += (f >> 5) & 1u;
+      cc.rare_lane(f, l, changed);
       kb[l] = static_cast<int8_t>(element_bin32_uniform(o, dbb[l], c.m));
     }
     k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
   }
-  const __mmask16 absorbed = static_cast<__mmask16>(~zero & ~changed & km);
-  cc.changed = _mm512_mask_add_epi32(cc.changed, changed, cc.changed, c.one32);
-  cc.absorbed = _mm512_mask_add_epi32(cc.absorbed, absorbed, cc.absorbed, c.one32);
-  cc.zero = _mm512_mask_add_epi32(cc.zero, zero, cc.zero, c.one32);
-  cc.differs = _mm512_mask_add_epi32(cc.differs, differs, cc.differs, c.one32);
+  const __mmask16 absorbed = cc.add(km, changed, zero, differs, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
   else _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + j), k8);
   const __m512d u_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(dv));
