@@ -125,6 +125,17 @@ inline __m512 canon_ps(__m512 x, const ReplayConsts& c) {
   return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(c.qnan));
 }
 
+// Histogram bins of 16 updates u = delta (fp32 bits db) on bf16 codes po, in 16-bit
+// lanes (element_bin32_uniform; -1 where zero; rare lanes are redone by the caller).
+inline __m128i bins_delta16(__m512i db, __m256i po, __mmask16 zero, const ReplayConsts& c) {
+  const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
+  const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
+  __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
+  k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
+  k = _mm256_mask_mov_epi16(k, zero, c.none16);
+  return _mm256_cvtepi16_epi8(k);
+}
+
 template <bool TAIL, bool SCALED, bool F32>
 inline __attribute__((always_inline)) void replay16(
     void* __restrict__ pp, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
@@ -197,12 +208,7 @@ inline __attribute__((always_inline)) void replay16(
     k8 = _mm512_cvtepi32_epi8(k);
   } else {
     zero = _mm512_mask_testn_epi32_mask(km, db, c.abs32);
-    const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
-    const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
-    __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
-    k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
-    k = _mm256_mask_mov_epi16(k, zero, c.none16);
-    k8 = _mm256_cvtepi16_epi8(k);
+    k8 = bins_delta16(db, po, zero, c);
   }
   // Rare: a subnormal or non-finite delta (one fpclass: NaN, inf, denormal), a
   // non-finite value stored before (exponent field all ones) or after (r >= inf).
@@ -429,12 +435,7 @@ inline __attribute__((always_inline)) void storage_bf16_unit16(
   __mmask16 changed = static_cast<__mmask16>(~same & km);
   // u = delta: zero test and histogram bin in 16-bit lanes (replay16)
   const __mmask16 zero = _mm512_mask_testn_epi32_mask(km, db, c.abs32);
-  const __m256i eu = _mm256_and_si256(_mm512_cvtepi32_epi16(_mm512_srli_epi32(db, 23)), c.ff16);
-  const __m256i ep = _mm256_and_si256(_mm256_srli_epi16(po, 7), c.ff16);
-  __m256i k = _mm256_add_epi16(_mm256_sub_epi16(eu, _mm256_max_epi16(ep, c.one16)), c.bin_off);
-  k = _mm256_min_epi16(_mm256_max_epi16(k, c.zero16), c.top16);
-  k = _mm256_mask_mov_epi16(k, zero, c.none16);
-  __m128i k8 = _mm256_cvtepi16_epi8(k);
+  __m128i k8 = bins_delta16(db, po, zero, c);
   // Rare: a subnormal or non-finite delta, a non-finite value stored before or after.
   const __mmask16 rare = static_cast<__mmask16>(
       (_mm512_fpclass_ps_mask(dv, 0xB9) |
