@@ -298,7 +298,10 @@ GS_HD void kahan_step(float p, float c, float d, const UpdateArgs& a, uint32_t r
         add_to_odd(c, canon64(static_cast<double>(a.alpha) * d)), spc, 0u));
     const float p2 = bits_f32(round_m<MODE, false, uint64_t>(add_to_odd(p1, c1), a.sp, a.mode,
                                                              r1, exact_sum_rcap(a.sp)));
-    const double lost = canon64(static_cast<double>(p1) - static_cast<double>(p2));  // exact
+    // Exact while p1's and p2's lowest bits lie within 53 bits of the larger one (always
+    // when |p1| >= |c1|); a compensation 2^29 times the weight or more can make it an fp64
+    // rounding (the numba twin does the same, so the bits still agree).
+    const double lost = canon64(static_cast<double>(p1) - static_cast<double>(p2));
     p_out = f32_bits(p2);
     c_out = round_bits<kNearestEven, false, uint64_t>(add_to_odd(c1, lost), spc, 0u);
   } else {
