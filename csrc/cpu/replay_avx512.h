@@ -136,6 +136,40 @@ inline __m128i bins_delta16(__m512i db, __m256i po, __mmask16 zero, const Replay
   return _mm256_cvtepi16_epi8(k);
 }
 
+// The rare lanes of 16 elements, redone by the portable per-element functions: their
+// flags (changed bit, non-finite counts) and histogram bins, into k8. The stored values
+// before are bf16 codes po, or (F32) fp32 bits po32; after, bf16 codes pn; the update is
+// delta (bits db), or (SCALED) the fp64 u_lo / u_hi.
+template <bool SCALED, bool F32>
+inline __m128i rare_lanes16(__mmask16 rare, __m256i po, __m512i po32, __m256i pn, __m512i db,
+                            __m512d u_lo, __m512d u_hi, __m128i k8, const ReplayConsts& c,
+                            LaneCounts& cc, __mmask16& changed) {
+  alignas(32) uint16_t pob[16], pnb[16];
+  alignas(64) uint32_t dbb[16], o32[16];
+  alignas(64) double ub[16];
+  alignas(16) int8_t kb[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
+  _mm512_store_si512(dbb, db);
+  if (F32) _mm512_store_si512(o32, po32);
+  if (SCALED) {
+    _mm512_store_pd(ub, u_lo);
+    _mm512_store_pd(ub + 8, u_hi);
+  }
+  _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
+  for (int l = 0; l < 16; ++l) {
+    if (!((rare >> l) & 1u)) continue;
+    const uint32_t o = F32 ? o32[l] : static_cast<uint32_t>(pob[l]) << 16;
+    const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
+    const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
+    const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
+    cc.rare_lane(f, l, changed);
+    kb[l] = static_cast<int8_t>(SCALED ? element_bin(o, ul, c.emin, c.m, c.msub)
+                                       : element_bin32_uniform(o, dbb[l], c.m));
+  }
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
+}
+
 template <bool TAIL, bool SCALED, bool F32>
 inline __attribute__((always_inline)) void replay16(
     void* __restrict__ pp, float* __restrict__ ms, const float* __restrict__ dl, int64_t j,
@@ -191,7 +225,7 @@ inline __attribute__((always_inline)) void replay16(
   // the update's zero test and histogram bin: from delta's bits (u = delta), or from u
   __mmask16 zero;
   __m128i k8;
-  __m512d u_lo, u_hi;
+  __m512d u_lo = _mm512_setzero_pd(), u_hi = u_lo;  // SCALED only
   if (SCALED) {
     u_lo = sc->u(_mm512_castps512_ps256(dv), _mm512_castps512_ps256(mv));
     u_hi = sc->u(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)),
@@ -218,30 +252,7 @@ inline __attribute__((always_inline)) void replay16(
   if (F32) rare |= _mm512_test_epi32_mask(po32, c.lo16);
   rare &= km;
   if (__builtin_expect(rare != 0, 0)) {
-    alignas(32) uint16_t pob[16], pnb[16];
-    alignas(64) uint32_t dbb[16], o32[16];
-    alignas(64) double ub[16];
-    alignas(16) int8_t kb[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
-    _mm512_store_si512(dbb, db);
-    _mm512_store_si512(o32, po32);
-    if (SCALED) {
-      _mm512_store_pd(ub, u_lo);
-      _mm512_store_pd(ub + 8, u_hi);
-    }
-    _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
-    for (int l = 0; l < 16; ++l) {
-      if (!((rare >> l) & 1u)) continue;
-      const uint32_t o = F32 ? o32[l] : static_cast<uint32_t>(pob[l]) << 16;
-      const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
-      const double ul = SCALED ? ub[l] : static_cast<double>(bits_f32(dbb[l]));
-      const uint32_t f = element_flags(o, n, dbb[l], ul, 0u);
-      cc.rare_lane(f, l, changed);
-      kb[l] = static_cast<int8_t>(SCALED ? element_bin(o, ul, c.emin, c.m, c.msub)
-                                         : element_bin32_uniform(o, dbb[l], c.m));
-    }
-    k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
+    k8 = rare_lanes16<SCALED, F32>(rare, po, po32, pn, db, u_lo, u_hi, k8, c, cc, changed);
   }
   const __mmask16 absorbed = cc.add(km, changed, zero, 0, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);
@@ -442,22 +453,9 @@ inline __attribute__((always_inline)) void storage_bf16_unit16(
        _mm256_cmpeq_epi16_mask(_mm256_and_si256(po, c.exp16), c.exp16) |
        _mm256_cmpeq_epi16_mask(_mm256_and_si256(pn, c.exp16), c.exp16)) & km);
   if (__builtin_expect(rare != 0, 0)) {
-    alignas(32) uint16_t pob[16], pnb[16];
-    alignas(64) uint32_t dbb[16];
-    alignas(16) int8_t kb[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pob), po);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pnb), pn);
-    _mm512_store_si512(dbb, db);
-    _mm_store_si128(reinterpret_cast<__m128i*>(kb), k8);
-    for (int l = 0; l < 16; ++l) {
-      if (!((rare >> l) & 1u)) continue;
-      const uint32_t o = static_cast<uint32_t>(pob[l]) << 16;
-      const uint32_t n = static_cast<uint32_t>(pnb[l]) << 16;
-      const uint32_t f = element_flags(o, n, dbb[l], static_cast<double>(bits_f32(dbb[l])), 0u);
-      cc.rare_lane(f, l, changed);
-      kb[l] = static_cast<int8_t>(element_bin32_uniform(o, dbb[l], c.m));
-    }
-    k8 = _mm_load_si128(reinterpret_cast<const __m128i*>(kb));
+    const __m512d none = _mm512_setzero_pd();  // u = delta: no fp64 u
+    k8 = rare_lanes16<false, false>(rare, po, _mm512_setzero_si512(), pn, db, none, none, k8, c,
+                                    cc, changed);
   }
   const __mmask16 absorbed = cc.add(km, changed, zero, differs, c.one32);
   if (TAIL) _mm_mask_storeu_epi8(bins + j, km, k8);

@@ -209,8 +209,6 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
                              exact != 0, counts7, bins + (i0 - blk0), mass + (i0 - blk0));
       return;
     }
-#endif
-#if defined(GS_ISA_AVX512)
     // bf16 storage, alpha 1, no decay: fused with its statistics (replay_avx512.h); also
     // without them (update_blocks then drops them): faster than the portable loop
     if (NARROW_NE && ENC == kEncHi16 && STATS >= 0 && sp.fast_ne && sp.m == 7 &&
@@ -249,10 +247,10 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
     }
   } else if (PATH == kKahan && MODE >= 0) {
     // Kahan with the mode known at compile time (nearest-even, stochastic), one loop per
-    // sum mode (a select on the loop-invariant mode would compute both): K 0 the exact
-    // sums by kahan_step, 1 the same by 32-bit roundings (nearest-even, formats of at
-    // most 21 bits; 3 without decay, 4 also with alpha 1: kahan_step_exact_ne_narrow's
-    // SIMPLER), 2 sum mode "fp32".
+    // sum mode (a select on the loop-invariant mode would compute both): K -1 the exact
+    // sums by kahan_step, -2 sum mode "fp32"; K >= 0 the exact sums by 32-bit roundings
+    // (nearest-even, formats of at most 21 bits), K being kahan_step_exact_ne_narrow's
+    // SIMPLER (1 without decay, 2 also with alpha 1).
     const auto kahan_loop = [&](auto k_tag) {
       constexpr int K = decltype(k_tag)::value;
 #pragma omp simd
@@ -262,10 +260,8 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
         const float d = dl[j];
         const float c = bits_f32(load_code<ENC>(t.comp, i0 + j, a.spc));
         uint32_t pn, cn;
-        if (K == 1) kahan_step_exact_ne_narrow<UNIFORM>(p, c, d, a, pn, cn);
-        else if (K == 3) kahan_step_exact_ne_narrow<UNIFORM, 1>(p, c, d, a, pn, cn);
-        else if (K == 4) kahan_step_exact_ne_narrow<UNIFORM, 2>(p, c, d, a, pn, cn);
-        else if (K == 2) kahan_step_fp32sum<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
+        if (K >= 0) kahan_step_exact_ne_narrow<UNIFORM, (K >= 0 ? K : 0)>(p, c, d, a, pn, cn);
+        else if (K == -2) kahan_step_fp32sum<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
         else kahan_step<MODE, UNIFORM>(p, c, d, a, r0[j], r1[j], pn, cn);
         store_code<ENC>(t.comp, i0 + j, cn, a.spc);
         store_code<ENC>(param, i0 + j, pn, sp);
@@ -275,13 +271,12 @@ inline void update_run(const UpdatePtrs& t, const UpdateArgs& args, bool stats_r
         dfb[j] = 0;
       }
     };
-    if (a.sum_mode != kSumExact) kahan_loop(std::integral_constant<int, 2>{});
-    else if (MODE == kNearestEven && sp.m <= 21 && a.spc.m <= 21) {
-      if (decay != 1.0f) kahan_loop(std::integral_constant<int, 1>{});
-      else if (alpha != 1.0f) kahan_loop(std::integral_constant<int, 3>{});
-      else kahan_loop(std::integral_constant<int, 4>{});
-    }
-    else kahan_loop(std::integral_constant<int, 0>{});
+    if (a.sum_mode != kSumExact) kahan_loop(std::integral_constant<int, -2>{});
+    else if (MODE != kNearestEven || sp.m > 21 || a.spc.m > 21)
+      kahan_loop(std::integral_constant<int, -1>{});
+    else if (decay != 1.0f) kahan_loop(std::integral_constant<int, 0>{});
+    else if (alpha != 1.0f) kahan_loop(std::integral_constant<int, 1>{});
+    else kahan_loop(std::integral_constant<int, 2>{});
   } else {
     for (int64_t j = 0; j < cnt; ++j) {
       const uint32_t po = load_code<ENC>(param, i0 + j, sp);
@@ -511,14 +506,12 @@ void update_generic(const UpdatePtrs& t, const UpdateArgs& a, bool stats, int64_
 template <int MODE>
 void kahan_fast_m(const UpdatePtrs& t, const UpdateArgs& a, int enc, bool stats, int64_t b0,
                   int64_t b1, int64_t n, int64_t* counts, double* bm) {
-  if (enc == kEncHi16 && a.sp.uniform)
+  if (enc == kEncHi16)  // bf16: always uniform (apply_update_range checks)
     return update_blocks<MODE, true, kKahan, kEncHi16, -1>(t, a, stats, b0, b1, n, counts, bm);
   if (enc == kEncF32 && a.sp.uniform)
     return update_blocks<MODE, true, kKahan, kEncF32, -1>(t, a, stats, b0, b1, n, counts, bm);
   if (enc == kEnc16)
     return update_blocks<MODE, false, kKahan, kEnc16, -1>(t, a, stats, b0, b1, n, counts, bm);
-  if (enc == kEncHi16)
-    return update_blocks<MODE, false, kKahan, kEncHi16, -1>(t, a, stats, b0, b1, n, counts, bm);
   update_blocks<MODE, false, kKahan, kEncF32, -1>(t, a, stats, b0, b1, n, counts, bm);
 }
 
@@ -572,7 +565,7 @@ void apply_update_range(const UpdatePtrs& t, const UpdateArgs& a, int path, int 
   // Kahan in the optimizers' modes (nearest-even, stochastic) and the storage formats
   // they use (bf16, fp16, fp32): mode and format class fixed at compile time.
   if (path == kKahan && (a.mode == kNearestEven || a.mode == kStochastic) &&
-      (enc == kEncHi16 || enc == kEnc16 || enc == kEncF32)) {
+      ((enc == kEncHi16 && a.sp.uniform) || enc == kEnc16 || enc == kEncF32)) {
     return kahan_fast(t, a, enc, stats, b0, b1, n, counts, bm);
   }
 #define GS_UPDATE_ENC(P)                                                         \
