@@ -15,6 +15,8 @@ docstring names its section. Works on torch tensors, CPU or CUDA.
 * Masks (:mod:`~gatesim.metrics.masks`): :func:`top_alpha`, :func:`bottom_alpha`,
   :func:`principal_mask`, :func:`low_magnitude_mask`, :func:`overlap`,
   :func:`overlap_excluding`, :func:`jaccard`, :func:`random_mask`.
+* Similarity (:mod:`~gatesim.metrics.similarity`): :func:`cosine` of two updates with its
+  random baseline (mean 0, sd ``1/sqrt(N)``).
 * Batch (:mod:`~gatesim.metrics.batch`): :func:`compare` (one row), :func:`table`
   (pandas DataFrame, one row per matrix, tqdm progress bar).
 
@@ -35,6 +37,7 @@ from gatesim.metrics.masks import (Jaccard, Overlap, bottom_alpha, jaccard, jacc
 from gatesim.metrics.sparsity import (DEFAULT_ATOL, DEFAULT_ETA, SparsityResult, sparsity,
                                       ulp_bin_edges, ulp_bin_labels, ulp_distance,
                                       ulp_histogram, ulp_keys, update_mask)
+from gatesim.metrics.similarity import Cosine, cosine, cosine_baseline_sd
 from gatesim.metrics.spectral import (Energy, PrincipalAngles, SpectralResult,
                                       effective_rank, energy_baseline, nss, principal_angles,
                                       spectral, stable_rank, subspace_angles, update_energy)
@@ -51,6 +54,6 @@ __all__ = [
     "SpectralResult",
     "top_alpha", "bottom_alpha", "select_count", "principal_mask", "low_magnitude_mask",
     "overlap", "overlap_excluding", "Overlap", "jaccard", "jaccard_baseline", "Jaccard",
-    "random_mask",
+    "random_mask", "cosine", "cosine_baseline_sd", "Cosine",
     "compare", "table",
 ]
