@@ -10,10 +10,11 @@ from gatesim.stats import mean_interval, verdict
 
 
 def test_mean_interval_by_hand():
-    # values 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.302652729911275
+    # values 1, 2, 3: mean 2, sd 1; with 2 degrees of freedom Student's t quantile has the
+    # closed form t_p = (2p - 1) / sqrt(2 p (1 - p)), p = 0.975
     iv = mean_interval([1.0, 2.0, 3.0])
     assert iv.mean == 2.0 and iv.sd == 1.0 and iv.n == 3
-    half = 4.302652729911275 / math.sqrt(3)
+    half = (0.95 / math.sqrt(2 * 0.975 * 0.025)) / math.sqrt(3)
     assert iv.lo == pytest.approx(2 - half, rel=1e-12)
     assert iv.hi == pytest.approx(2 + half, rel=1e-12)
 
