@@ -79,17 +79,21 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 import gatesim
 import gatesim.metrics as gm
+from gatesim.checks import check_bool, check_fields, check_int, check_real
+from gatesim.integrity import checksum_tensors_async
 from gatesim.diff.errors import ResumeError
 from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor, torch_dtype
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
 from gatesim.diff.scan import sparsity_fast
 from gatesim.executor import Executor, ResultStore, make_executor
 
-__all__ = ["diff", "diff_tensor", "DiffOptions", "TensorTask", "DiffResult", "COLUMNS",
+__all__ = ["diff", "diff_tensor", "tensor_checksums", "DiffOptions", "TensorTask",
+           "DiffResult", "COLUMNS", "TIMING_COLUMNS",
            "default_k", "pair_tensors", "CASTS", "SVD_METHODS"]
 
 CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,8 +116,11 @@ COLUMNS = (
     "overlap_low", "overlap_low_baseline", "overlap_low_ratio",
     "overlap_principal_not_low", "overlap_principal_not_low_baseline",
     "overlap_principal_not_low_ratio", "overlap_principal_not_low_cond_baseline",
-    "update_normF", "svd", "svd_seconds", "seconds", "note",
+    "update_normF", "svd", "base_checksum", "tuned_checksum", "note",
 )
+#: Per-tensor timings: not part of a row (rows are byte-reproducible; timings are not),
+#: kept in ``timings.csv`` and :attr:`DiffResult.timings`.
+TIMING_COLUMNS = ("seconds", "svd_seconds")
 
 #: Statuses of a row.
 STATUSES = ("paired", "only_base", "only_tuned", "shape_mismatch", "dtype_mismatch")
@@ -139,23 +146,18 @@ class DiffOptions:
     max_svd_numel: Optional[int] = None
 
     def check(self) -> "DiffOptions":
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
-                                   or self.k < 1):
-            raise ValueError(f"k must be a positive int or None, got {self.k!r}")
-        gm.select_count(self.alpha, 1)               # alpha in (0, 1], else ValueError
+        check_fields(self)                 # bools are bools, numpy scalars are numbers
+        if self.k is not None:
+            check_int(self.k, "k", lo=1)
+        check_real(self.alpha, "alpha", lo=0, lo_open=True, hi=1)
         for nm in ("eta", "atol"):
-            v = getattr(self, nm)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
-                    or not math.isfinite(v):
-                raise ValueError(f"{nm} must be a finite number >= 0, got {v!r}")
+            check_real(getattr(self, nm), nm, lo=0)
         if self.cast is not None and self.cast not in CASTS:
             raise ValueError(f"cast must be None or one of {sorted(CASTS)}, got {self.cast!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
-        if self.max_svd_numel is not None and (not isinstance(self.max_svd_numel, int)
-                                               or self.max_svd_numel < 1):
-            raise ValueError(f"max_svd_numel must be a positive int or None, got "
-                             f"{self.max_svd_numel!r}")
+        if self.max_svd_numel is not None:
+            check_int(self.max_svd_numel, "max_svd_numel", lo=1)
         return self
 
 
@@ -252,7 +254,13 @@ def _spectral_skip(W0: torch.Tensor, row: dict, o: DiffOptions) -> Optional[str]
 
 def diff_tensor(task: TensorTask) -> dict:
     """One row (module docstring) for one pair: a pure function of ``task`` and the files
-    it names, run by the executor (in another process with ``workers > 1``)."""
+    it names, run by the executor (in another process with ``workers > 1``). The row also
+    holds the :data:`TIMING_COLUMNS` (wall seconds), which :func:`diff` moves to
+    ``timings.csv``; every other value is the same bits on every run.
+
+    ``base_checksum`` / ``tuned_checksum``: :mod:`gatesim.integrity` checksums of the two
+    tensors' stored bytes, computed beside the pass that reads them (a helper thread), so
+    a resumed run can prove its stored rows came from the same bytes."""
     t0 = time.perf_counter()
     o = task.opts
     ref = task.base or task.tuned
@@ -263,7 +271,7 @@ def diff_tensor(task: TensorTask) -> dict:
                layer=info.layer, module=info.module, param=info.param, expert=info.expert,
                shape=json.dumps(list(ref.shape)), dtype=ref.dtype,
                tuned_dtype=task.tuned.dtype if task.tuned else None,
-               numel=ref.numel, bytes=task.nbytes)
+               numel=ref.numel, bytes=task.nbytes, svd_seconds=None)
     if task.status != "paired":
         if task.status == "shape_mismatch":
             row["note"] = f"tuned shape {list(task.tuned.shape)}"
@@ -274,14 +282,25 @@ def diff_tensor(task: TensorTask) -> dict:
         return row
     W0 = read_tensor(task.base)
     W1 = read_tensor(task.tuned)
-    if o.cast is not None:
-        W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
-    row["compared_dtype"] = str(W0.dtype).replace("torch.", "")
-    if W0.numel() == 0:
-        row["note"] = "empty tensor"
-        row["spectral"] = "skipped: empty"
-        row["seconds"] = time.perf_counter() - t0
-        return row
+    checksums = checksum_tensors_async(W0, W1)     # the stored bytes, before any cast
+    try:
+        if o.cast is not None:
+            W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
+        row["compared_dtype"] = str(W0.dtype).replace("torch.", "")
+        if W0.numel() == 0:
+            row["note"] = "empty tensor"
+            row["spectral"] = "skipped: empty"
+        else:
+            _metrics(row, W0, W1, o)
+    finally:
+        row["base_checksum"], row["tuned_checksum"] = checksums()
+    del W0, W1
+    _trim()
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _metrics(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions) -> None:
     _sparsity_block(row, W0, W1, o)
     skip = _spectral_skip(W0, row, o)
     if skip is None:
@@ -292,10 +311,13 @@ def diff_tensor(task: TensorTask) -> dict:
             row["spectral"] = f"error: {exc}"
     else:
         row["spectral"] = skip
-    del W0, W1
-    _trim()
-    row["seconds"] = time.perf_counter() - t0
-    return row
+
+
+def tensor_checksums(task: TensorTask) -> tuple:
+    """``(base_checksum, tuned_checksum)`` of a paired task's stored bytes (what a resumed
+    :func:`diff` compares with its stored rows; an executor task like :func:`diff_tensor`)."""
+    W0, W1 = read_tensor(task.base), read_tensor(task.tuned)
+    return tuple(checksum_tensors_async(W0, W1)())
 
 
 _LIBC: Any = None
@@ -373,6 +395,8 @@ class DiffResult:
         base, tuned: the validated :class:`~gatesim.diff.io.Checkpoint` objects.
         resumed: rows taken from an earlier, interrupted run.
         seconds: wall time.
+        timings: DataFrame ``name, seconds, svd_seconds`` (per-tensor wall times; kept
+            out of the rows so that those are the same bytes on every run).
     """
 
     rows: Any
@@ -383,74 +407,156 @@ class DiffResult:
     tuned: Checkpoint
     resumed: int
     seconds: float
+    timings: Any = None
 
 
-_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "summary_module.csv",
-              "summary_layer.csv", "summary_model.csv", "report.md",
+_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "timings.jsonl", "timings.csv",
+              "summary_module.csv", "summary_layer.csv", "summary_model.csv", "report.md",
               "fig_sparsity.png", "fig_ulp.png", "fig_angles.png")
+#: Version of ``config.json``; 2: rows carry content checksums, paths are part of the key.
+CONFIG_VERSION = 2
 
 
 def _config(base: Checkpoint, tuned: Checkpoint, rules, o: DiffOptions) -> dict:
-    return {"tool": "gatesim.diff", "version": 1,
+    """What identifies a diff's inputs and settings (``config.json``): both checkpoints'
+    resolved paths, every file's name, size and header hash, the map and the options.
+    The bytes of each tensor are tied to its row by the row's checksums."""
+    return {"tool": "gatesim.diff", "version": CONFIG_VERSION,
             "base": {"path": base.path, "kind": base.kind, "files": base.fingerprint},
             "tuned": {"path": tuned.path, "kind": tuned.kind, "files": tuned.fingerprint},
             "map": [list(r) for r in rules], "options": dataclasses.asdict(o)}
 
 
-def _same_config(a: dict, b: dict) -> bool:
-    """Paths may differ (a moved folder); contents and settings may not."""
-    strip = lambda c: {**c, "base": {**c["base"], "path": None},  # noqa: E731
-                       "tuned": {**c["tuned"], "path": None}}
-    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
+def _config_differences(old: dict, new: dict) -> list:
+    """The top-level parts (``base``, ``tuned``, ``map``, ``options``, ...) that differ."""
+    a, b = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _prepare_out(out: Path, config: dict, overwrite: bool) -> None:
+def _check_out(out: Path, config: dict, overwrite: bool) -> bool:
+    """Read-only: may ``out`` receive this diff? Returns True when it holds rows of the
+    same inputs and settings to resume from (their bytes are verified later)."""
     cfg = out / "config.json"
     if out.exists() and not out.is_dir():
         raise ResumeError(f"{out}: exists and is not a folder")
+    if overwrite:
+        return False
     if cfg.exists():
         try:
             old = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            old = None
-        if overwrite:
-            for name in _OUR_FILES:
-                p = out / name
-                if p.exists():
-                    p.unlink()
-        elif old is None or not _same_config(old, config):
-            raise ResumeError(f"{out}: holds a diff of other inputs or settings (see its "
-                              "config.json); use another output folder or overwrite=True "
-                              "(--overwrite)")
-    elif (out / "rows.jsonl").exists():
-        if not overwrite:
-            raise ResumeError(f"{out}: has rows.jsonl but no config.json; use another output "
+            raise ResumeError(f"{cfg}: unreadable; use another output folder or "
+                              "overwrite=True (--overwrite)") from None
+        if not isinstance(old, dict) or old.get("version") != CONFIG_VERSION:
+            raise ResumeError(f"{cfg}: written by another gatesim version (rows without "
+                              "content checksums cannot be verified); use another output "
                               "folder or overwrite=True (--overwrite)")
-        (out / "rows.jsonl").unlink()
+        diffs = _config_differences(old, config)
+        if diffs:
+            raise ResumeError(f"{out}: holds a diff of other inputs or settings (config.json "
+                              f"differs in: {', '.join(diffs)}); use another output folder "
+                              "or overwrite=True (--overwrite)")
+        return True
+    if (out / "rows.jsonl").exists():
+        raise ResumeError(f"{out}: has rows.jsonl but no config.json; use another output "
+                          "folder or overwrite=True (--overwrite)")
+    return False
+
+
+def _init_out(out: Path, config: dict, overwrite: bool) -> None:
+    """The first write of a diff: clears our files (``overwrite``) and writes config.json."""
+    if overwrite and out.is_dir():
+        for name in _OUR_FILES:
+            p = out / name
+            if p.exists():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    cfg = out / "config.json"
     tmp = cfg.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config, indent=1), encoding="utf-8")
     os.replace(tmp, cfg)
 
 
-def _csv_line(row: dict) -> str:
+_IDENTITY = ("name", "base_name", "tuned_name", "status", "shape", "dtype", "tuned_dtype")
+
+
+def _verify_stored(out: Path, stored: dict, by_key: dict, ex: Executor,
+                   progress: bool) -> None:
+    """Every stored row must describe the same pair as now (names, status, shape, dtype)
+    and, for a paired row, have been computed from the same bytes: the current tensors'
+    checksums (read again now) must equal the row's. Raises ResumeError otherwise."""
+    for key, row in stored.items():
+        task = by_key.get(key)
+        if task is None:
+            raise ResumeError(f"{out}: rows.jsonl holds tensor {key!r}, which this diff does "
+                              "not have; use another output folder or --overwrite")
+        fresh = {c: None for c in COLUMNS}
+        info = {"name": key, "base_name": task.base.name if task.base else None,
+                "tuned_name": task.tuned.name if task.tuned else None,
+                "status": task.status,
+                "shape": json.dumps(list((task.base or task.tuned).shape)),
+                "dtype": (task.base or task.tuned).dtype,
+                "tuned_dtype": task.tuned.dtype if task.tuned else None}
+        fresh.update(info)
+        for c in _IDENTITY:
+            if row.get(c) != fresh[c]:
+                raise ResumeError(f"{out}: the stored row of {key!r} has {c}={row.get(c)!r}, "
+                                  f"the inputs now give {fresh[c]!r}; use another output "
+                                  "folder or --overwrite")
+        if task.status == "paired" and not (row.get("base_checksum")
+                                             and row.get("tuned_checksum")):
+            raise ResumeError(f"{out}: the stored row of {key!r} has no content checksum; "
+                              "use another output folder or --overwrite")
+    todo = [(k, by_key[k]) for k in stored if by_key[k].status == "paired"]
+    if not todo:
+        return
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="verify ", unit="tensor", file=sys.stderr,
+                   dynamic_ncols=True)
+    try:
+        for key, (cb, ct) in ex.map(tensor_checksums, todo):
+            row, task = stored[key], by_key[key]
+            for side, now, ref in (("base", cb, task.base), ("tuned", ct, task.tuned)):
+                was = row[f"{side}_checksum"]
+                if now != was:
+                    raise ResumeError(
+                        f"{out}: the stored row of {key!r} was computed from other bytes: "
+                        f"{ref.path} tensor {ref.name!r} now has checksum {now}, the row "
+                        f"{was} (the checkpoint changed since); use another output folder "
+                        "or --overwrite")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _csv_line(row: dict, columns=COLUMNS) -> str:
     import csv
     import io as _io
     buf = _io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(
-        ["" if row.get(c) is None else row.get(c) for c in COLUMNS])
+        ["" if row.get(c) is None else row.get(c) for c in columns])
     return buf.getvalue()
 
 
-def _write_csv(path: Path, rows: list) -> None:
+def _write_csv(path: Path, rows: list, columns=COLUMNS) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(COLUMNS) + "\n")
+        f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(_csv_line(r))
+            f.write(_csv_line(r, columns))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _split_timing(result: dict) -> tuple[dict, dict]:
+    """(row without timings, timings) of a :func:`diff_tensor` result."""
+    row = {c: result.get(c) for c in COLUMNS}
+    return row, {c: result.get(c) for c in TIMING_COLUMNS}
 
 
 def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
@@ -491,53 +597,75 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
         limit: compute at most this many new rows, then stop without the final report
             (for tests and partial runs; resuming completes them).
 
+    Every argument and both checkpoints are checked, and a resumed ``out`` verified,
+    before the first byte is written. Resuming reuses a stored row only if the inputs'
+    paths, file headers and settings are those of ``config.json`` and the row's tensors
+    still have the checksums stored with it (they are read again to check).
+
     Raises:
         CheckpointError: invalid or unsafe input (before anything is written).
-        NameMapError: a bad prefix map. ResumeError: ``out`` holds another run.
+        NameMapError: a bad prefix map. ResumeError: ``out`` holds another run, or rows
+        computed from other bytes. ValueError / TypeError: a bad argument.
     """
     t_start = time.perf_counter()
     opts = DiffOptions(k=k, alpha=alpha, eta=eta, atol=atol, sparsity_only=sparsity_only,
                        bitwise_only=bitwise_only, cast=cast, svd=svd,
                        max_svd_numel=max_svd_numel).check()
+    for nm, v in (("progress", progress), ("overwrite", overwrite), ("figures", figures)):
+        check_bool(v, nm)
+    if limit is not None:
+        check_int(limit, "limit", lo=0)
     rules = parse_map(map)
+    ex = executor if executor is not None else make_executor(workers, threads)
     b = open_checkpoint(base)
     t = open_checkpoint(tuned)
     tasks = pair_tensors(b, t, rules, opts)
     order = [tk.key for tk in tasks]
+    by_key = {tk.key: tk for tk in tasks}
     files: dict[str, Path] = {}
     outp = Path(out) if out is not None else None
-    store: Optional[ResultStore] = None
+    store = tstore = None
     results: dict[str, dict] = {}
+    timings: dict[str, dict] = {}
     if outp is not None:
-        _prepare_out(outp, _config(b, t, rules, opts), overwrite)
-        files["config"] = outp / "config.json"
-        store = ResultStore(outp / "rows.jsonl")
-        files["rows_jsonl"] = store.path
-        results = {kk: store.get(kk) for kk in order if kk in store}
-        files["rows_csv"] = outp / "rows.csv"
+        config = _config(b, t, rules, opts)
+        resuming = _check_out(outp, config, overwrite)
+        if resuming:
+            try:                                       # reading only: no side effect
+                store = ResultStore(outp / "rows.jsonl")
+                tstore = ResultStore(outp / "timings.jsonl")
+            except ValueError as exc:
+                raise ResumeError(f"{exc}; use another output folder or --overwrite") \
+                    from None
+            stored = dict(store.items())
+            _verify_stored(outp, stored, by_key, ex, progress)
+            results = {kk: stored[kk] for kk in order if kk in stored}
+            timings = {kk: tstore.get(kk) for kk in results if kk in tstore}
+        else:
+            store = ResultStore(outp / "rows.jsonl", fresh=True)
+            tstore = ResultStore(outp / "timings.jsonl", fresh=True)
+        _init_out(outp, config, overwrite)              # the first write
+        files.update(config=outp / "config.json", rows_jsonl=store.path,
+                     rows_csv=outp / "rows.csv", timings=outp / "timings.csv")
         _write_csv(files["rows_csv"], [results[kk] for kk in order if kk in results])
     resumed = len(results)
     todo = [(tk.key, tk) for tk in tasks if tk.key not in results]
     if limit is not None:
         todo = todo[:limit]
-    by_key = {tk.key: tk for tk in tasks}
-    ex = executor if executor is not None else make_executor(workers, threads)
     bars = _Bars(progress, len(tasks), sum(tk.nbytes for tk in tasks),
                  resumed, sum(by_key[kk].nbytes for kk in results))
     csv_f = open(files["rows_csv"], "a", encoding="utf-8", newline="") if outp else None
     try:
-        def done(key: str, row: dict) -> None:
-            results[key] = row
+        for kk, result in ex.map(diff_tensor, todo):
+            row, timing = _split_timing(result)
+            if store is not None:
+                store.add(kk, row)
+                tstore.add(kk, timing)
+            results[kk], timings[kk] = row, timing
             if csv_f is not None:
                 csv_f.write(_csv_line(row))
                 csv_f.flush()
-            bars.update(by_key[key].nbytes)
-
-        if store is not None:
-            store.run(ex, diff_tensor, todo, progress=lambda kk: done(kk, store.get(kk)))
-        else:
-            for kk, row in ex.map(diff_tensor, todo):
-                done(kk, row)
+            bars.update(by_key[kk].nbytes)
     finally:
         bars.close()
         if csv_f is not None:
@@ -547,17 +675,22 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     complete = all(kk in results for kk in order)
     rows = [results[kk] for kk in order if kk in results]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
+    tdf = pd.DataFrame([{"name": kk, **(timings.get(kk) or {})} for kk in order
+                        if kk in results], columns=["name", *TIMING_COLUMNS])
     summary: dict = {}
     if outp is not None:
         _write_csv(files["rows_csv"], rows)
+        _write_csv(files["timings"], tdf.to_dict("records"), ("name", *TIMING_COLUMNS))
+        if complete:            # the store in checkpoint order: the same bytes every time
+            store.rewrite(order)
     if complete:
         from gatesim.diff import report as rep
         summary = rep.summarize(df)
         if outp is not None:
             files.update(rep.write_outputs(outp, df, summary, b, t, rules, opts,
-                                           figures=figures,
-                                           seconds=time.perf_counter() - t_start))
-    return DiffResult(df, summary, outp, files, b, t, resumed, time.perf_counter() - t_start)
+                                           figures=figures))
+    return DiffResult(df, summary, outp, files, b, t, resumed, time.perf_counter() - t_start,
+                      tdf)
 
 
 class _Bars:
