@@ -44,6 +44,7 @@ import numpy as np
 
 from gatesim.executor import Executor, ResultStore, make_executor
 from gatesim.sim.config import CellConfig, SweepConfig
+from gatesim.sim.validate import validate_sweep
 
 __all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs"]
 
@@ -108,6 +109,8 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
     from gatesim.sim.report import write_figures, write_table
 
     run_dir = Path(out) / sweep.name
+    validate_sweep(sweep)            # every input of every cell, before anything is written
+    ex = executor if executor is not None else make_executor(workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     mask_dir = run_dir / "masks"
     cfg_path = run_dir / "sweep.json"
@@ -130,7 +133,6 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), initial=sum(1 for k, _ in tasks if k in store),
                    desc=f"gatesim ablate {sweep.name}", unit="cell")
-    ex = executor if executor is not None else make_executor(workers)
     try:
         results = store.run(ex, _run, tasks, progress=(lambda k: bar.update(1)) if bar else None)
     finally:
