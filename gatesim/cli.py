@@ -29,7 +29,8 @@ DEMO_STEPS = (1e-6, 1e-5, 1e-4)
 def absorbed_table(seed: int = 0) -> list[dict]:
     """For each bundled matrix, format, step size and mode: the fraction of a random
     update (delta ~ step * N(0, 1)) that rounding to the stored format swallows."""
-    gen = torch.Generator().manual_seed(seed)
+    from gatesim.checks import check_int
+    gen = torch.Generator().manual_seed(check_int(seed, "seed", lo=0))
     rows = []
     for name in DEMO_MATRICES:
         w32 = load_matrix(name)

@@ -29,7 +29,6 @@ checksums) are refused.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -225,9 +224,10 @@ class Stream:
             if len(vals) != m["steps"]:
                 self._fail(key, f"has {len(vals)} values for {m['steps']} steps")
             for i, v in enumerate(vals):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) \
-                        or not math.isfinite(float(np.float32(v))):
-                    self._fail(f"{key}[{i}]", f"must be a number finite in float32, got {v!r}")
+                try:                       # applied as float32: finite there
+                    check_real(v, f"{key}[{i}]", dtype=np.float32)
+                except ValueError as exc:
+                    self._fail(f"{key}[{i}]", str(exc))
         if m["init_bytes"] < 0:
             self._fail("init_bytes", f"must be >= 0, got {m['init_bytes']}")
         first = 0
