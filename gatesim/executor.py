@@ -9,7 +9,12 @@ Two small pieces shared by :mod:`gatesim.sim` and :mod:`gatesim.diff`:
   instead: the work is a pure function of its payload, so where it runs does not matter.
 * A :class:`ResultStore` appends each finished result to a JSON-lines file at once
   (flushed and fsynced), and on a rerun reports which keys are done so they are skipped.
-  A killed run loses at most the items in flight; a torn last line is ignored.
+  A killed run loses at most the items in flight; a torn last line is ignored. Opening a
+  store writes nothing, so callers can validate everything first.
+
+A :class:`ProcessExecutor`'s workers die with the process that started them (``kill -9``
+included) and a Ctrl-C stops them at once (see its docstring); :func:`make_executor`
+checks ``workers`` and ``threads`` before anything runs.
 
 Determinism: every task runs with ``threads`` threads (default 1) in torch and in numba's
 parallel loops, so a result has the same bits whatever the number of workers, and a pool

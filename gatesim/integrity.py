@@ -20,6 +20,8 @@ swapped data with probability about ``1 - 2**-64``; it is **not** a cryptographi
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -62,6 +64,16 @@ class Checksum:
         self._acc = 0
         self._n = 0              # bytes consumed so far
         self._tail = b""         # bytes of an unfinished word
+
+    @classmethod
+    def from_word_sum(cls, acc: int, nwords: int) -> "Checksum":
+        """The state after ``nwords`` whole words whose :func:`_sum_words` (from word 0)
+        is ``acc``: lets a kernel that reads the words anyway (the diff's bitwise scan)
+        compute the sum in its own pass; ``update`` then takes the remaining bytes."""
+        h = cls()
+        h._acc = int(acc) & _MASK
+        h._n = 8 * int(nwords)
+        return h
 
     def update(self, data) -> "Checksum":
         a = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
@@ -113,18 +125,19 @@ def checksum_tensor(t) -> str:
     return checksum_bytes(t.view(torch.uint8).numpy())
 
 
-def checksum_file(path, piece: int = 1 << 24) -> str:
-    """The checksum of a whole file, read in pieces."""
-    h = Checksum()
-    buf = bytearray(piece)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            k = f.readinto(mv)
-            if not k:
-                break
-            h.update(np.frombuffer(mv[:k], dtype=np.uint8))
-    return h.hexdigest()
+def checksum_file(path) -> str:
+    """The checksum of a whole file (memory-mapped read-only: no copy)."""
+    import mmap
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return checksum_bytes(b"")
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            arr = np.frombuffer(mm, dtype=np.uint8)
+            try:
+                return Checksum().update(arr).hexdigest()
+            finally:
+                del arr          # the map cannot close while a view of it lives
 
 
 def checksum_tensors_async(*tensors):

@@ -31,7 +31,9 @@ map, ``base_name``, ``tuned_name``, ``status``, ``layer``, ``module``, ``param``
   ``energy_topk_baseline = (k/m)(k/n)``, and the overlaps of the bitwise update mask with the
   principal mask ``Top_alpha(|W0^(k)|)``, the low-magnitude mask ``Bottom_alpha(|W0|)`` and
   the principal-without-low mask, each with ``_baseline`` (the update density) and
-  ``_ratio``; ``spectral`` says ``ok`` or why the block was skipped.
+  ``_ratio``; ``spectral`` says ``ok`` or why the block was skipped;
+* ``base_checksum`` / ``tuned_checksum``: checksums of the two tensors' stored bytes
+  (paired rows; what ties a stored row to its data when resuming).
 
 **k and alpha.** Default ``k = min(64, max(1, min(m, n) // 4))`` per matrix (64 for every
 Qwen2/Llama projection; small matrices get a quarter of their rank, so the subspace stays
@@ -46,14 +48,22 @@ a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compu
 (about 5..15x slower here). Randomized SVD is not offered (SCIENCE.md, "Randomized SVD
 warning").
 
-**Output and resume** (``out=``): ``config.json`` (inputs' fingerprints and settings),
-``rows.jsonl`` (a :class:`gatesim.executor.ResultStore`: each row appended and fsynced as
-soon as it is computed), ``rows.csv`` (the same rows, appended as they come, rewritten in
-checkpoint order at the end), then ``summary_module.csv``, ``summary_layer.csv``,
-``summary_model.csv``, the figures and ``report.md`` (:mod:`gatesim.diff.report`). A run
-that is interrupted resumes from ``rows.jsonl``: rerunning the same command computes only
-the missing rows. Rerunning with other inputs or settings on the same folder raises
-:class:`~gatesim.diff.errors.ResumeError` (pass ``overwrite=True`` to start over).
+**Output and resume** (``out=``): ``config.json`` (both inputs' resolved paths, every
+file's name, size and header hash, the map and the settings), ``rows.jsonl`` (a
+:class:`gatesim.executor.ResultStore`: each row appended and fsynced as soon as it is
+computed, rewritten in checkpoint order at the end), ``rows.csv`` (the same rows, appended
+as they come, rewritten in checkpoint order at the end), ``timings.jsonl`` /
+``timings.csv`` (per-tensor wall times, :data:`TIMING_COLUMNS`), then
+``summary_module.csv``, ``summary_layer.csv``, ``summary_model.csv``, the figures and
+``report.md`` (:mod:`gatesim.diff.report`). Every file but the timings is the same bytes
+for the same inputs, whatever the worker count and however often the run was resumed.
+A run that is interrupted resumes from ``rows.jsonl``: rerunning the same command
+computes only the missing rows. A stored row is reused only if ``config.json`` matches and
+the row's ``base_checksum`` / ``tuned_checksum`` (:mod:`gatesim.integrity` checksums of
+the two tensors' stored bytes) equal those of the tensors now at those paths (read again
+when resuming); otherwise :class:`~gatesim.diff.errors.ResumeError` names the difference
+(pass ``overwrite=True`` to start over). Nothing is written before the options, both
+checkpoints and the stored rows have been checked.
 
 **Memory.** Each worker maps the two tensors it compares (L bytes each at most) and
 unmaps them before the next pair; the sparsity pass adds the changed entries; the spectral
@@ -85,7 +95,7 @@ import torch
 import gatesim
 import gatesim.metrics as gm
 from gatesim.checks import check_bool, check_fields, check_int, check_real
-from gatesim.integrity import checksum_tensors_async
+from gatesim.integrity import checksum_tensor, checksum_tensors_async
 from gatesim.diff.errors import ResumeError
 from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor, torch_dtype
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
@@ -188,8 +198,10 @@ def _cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return gatesim.to_dtype(x.to(torch.float32).contiguous(), target)
 
 
-def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions):
-    fs = sparsity_fast(W0, W1, eta=o.eta, atol=o.atol, bitwise_only=o.bitwise_only)
+def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions, *,
+                    checksums: bool = False):
+    fs = sparsity_fast(W0, W1, eta=o.eta, atol=o.atol, bitwise_only=o.bitwise_only,
+                       checksums=checksums)
     c = fs.counts
     n = c.n
     changed = n - fs.bitwise_equal
@@ -259,8 +271,9 @@ def diff_tensor(task: TensorTask) -> dict:
     ``timings.csv``; every other value is the same bits on every run.
 
     ``base_checksum`` / ``tuned_checksum``: :mod:`gatesim.integrity` checksums of the two
-    tensors' stored bytes, computed beside the pass that reads them (a helper thread), so
-    a resumed run can prove its stored rows came from the same bytes."""
+    tensors' stored bytes, computed in the pass that reads them (bitwise-only: inside the
+    scan's own loop; otherwise in a helper thread beside the metrics), so a resumed run
+    can prove its stored rows came from the same bytes."""
     t0 = time.perf_counter()
     o = task.opts
     ref = task.base or task.tuned
@@ -282,7 +295,12 @@ def diff_tensor(task: TensorTask) -> dict:
         return row
     W0 = read_tensor(task.base)
     W1 = read_tensor(task.tuned)
-    checksums = checksum_tensors_async(W0, W1)     # the stored bytes, before any cast
+    raw = (W0, W1)
+    # the checksums of the stored bytes: inside the bitwise pass itself when it reads the
+    # stored bytes (bitwise-only, no cast), else in a helper thread beside the metrics
+    fused = o.bitwise_only and o.cast is None
+    waiter = None if fused else checksum_tensors_async(W0, W1)
+    fs = None
     try:
         if o.cast is not None:
             W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
@@ -291,17 +309,24 @@ def diff_tensor(task: TensorTask) -> dict:
             row["note"] = "empty tensor"
             row["spectral"] = "skipped: empty"
         else:
-            _metrics(row, W0, W1, o)
+            fs = _metrics(row, W0, W1, o, checksums=fused)
     finally:
-        row["base_checksum"], row["tuned_checksum"] = checksums()
-    del W0, W1
+        if waiter is not None:
+            cks = waiter()
+        elif fs is not None and fs.counts.checksums is not None:
+            cks = fs.counts.checksums
+        else:                          # integer dtypes, empty tensors: not in the pass
+            cks = [checksum_tensor(t) for t in raw]
+        row["base_checksum"], row["tuned_checksum"] = cks
+    del W0, W1, raw
     _trim()
     row["seconds"] = time.perf_counter() - t0
     return row
 
 
-def _metrics(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions) -> None:
-    _sparsity_block(row, W0, W1, o)
+def _metrics(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions, *,
+             checksums: bool = False):
+    fs = _sparsity_block(row, W0, W1, o, checksums=checksums)
     skip = _spectral_skip(W0, row, o)
     if skip is None:
         try:
@@ -311,6 +336,7 @@ def _metrics(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions) -> N
             row["spectral"] = f"error: {exc}"
     else:
         row["spectral"] = skip
+    return fs
 
 
 def tensor_checksums(task: TensorTask) -> tuple:

@@ -182,10 +182,7 @@ class Stream:
                 " (recorded without checksums: record it again)" if old else ""), "format")
         self.manifest = m
         self._check_fields(m)
-        got = checksum_bytes(_canonical(m))
-        if m["manifest_checksum"] != got:
-            raise StreamError(mpath, f"stored {m['manifest_checksum']}, the content gives "
-                              f"{got}: the manifest was edited or damaged", "manifest_checksum")
+        self._verify_manifest(m)
         self.shape = list(m["shape"])
         self.steps = m["steps"]
         self._verify_file(m["init"], m["init_bytes"], m["init_checksum"], "init", {"W0"})
@@ -194,6 +191,12 @@ class Stream:
             self._verify_file(sh["file"], sh["bytes"], sh["checksum"], f"shards[{i}]", names)
 
     # -- checks -----------------------------------------------------------------------
+    def _verify_manifest(self, m: dict) -> None:
+        got = checksum_bytes(_canonical(m))
+        if m["manifest_checksum"] != got:
+            self._fail("manifest_checksum", f"stored {m['manifest_checksum']}, the content "
+                       f"gives {got}: the manifest was edited or damaged")
+
     def _fail(self, field: str, message: str):
         raise StreamError(self._mpath, message, field)
 
