@@ -48,7 +48,7 @@ a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compu
 (about 5..15x slower here). Randomized SVD is not offered (SCIENCE.md, "Randomized SVD
 warning").
 
-**Output and resume** (``out=``): ``config.json`` (both inputs' resolved paths, every
+**Output and resume** (``out=``): ``config.json`` (both inputs' absolute paths, every
 file's name, size and header hash, the map and the settings), ``rows.jsonl`` (a
 :class:`gatesim.executor.ResultStore`: each row appended and fsynced as soon as it is
 computed, rewritten in checkpoint order at the end), ``rows.csv`` (the same rows, appended
@@ -89,7 +89,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 import gatesim
@@ -99,6 +98,7 @@ from gatesim.integrity import checksum_tensor, checksum_tensors_async
 from gatesim.diff.errors import ResumeError
 from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor, torch_dtype
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
+from gatesim.diff.resume import check_out, init_out, make_config, verify_stored
 from gatesim.diff.scan import sparsity_fast
 from gatesim.executor import Executor, ResultStore, make_executor
 
@@ -436,129 +436,6 @@ class DiffResult:
     timings: Any = None
 
 
-_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "timings.jsonl", "timings.csv",
-              "summary_module.csv", "summary_layer.csv", "summary_model.csv", "report.md",
-              "fig_sparsity.png", "fig_ulp.png", "fig_angles.png")
-#: Version of ``config.json``; 2: rows carry content checksums, paths are part of the key.
-CONFIG_VERSION = 2
-
-
-def _config(base: Checkpoint, tuned: Checkpoint, rules, o: DiffOptions) -> dict:
-    """What identifies a diff's inputs and settings (``config.json``): both checkpoints'
-    resolved paths, every file's name, size and header hash, the map and the options.
-    The bytes of each tensor are tied to its row by the row's checksums."""
-    return {"tool": "gatesim.diff", "version": CONFIG_VERSION,
-            "base": {"path": base.path, "kind": base.kind, "files": base.fingerprint},
-            "tuned": {"path": tuned.path, "kind": tuned.kind, "files": tuned.fingerprint},
-            "map": [list(r) for r in rules], "options": dataclasses.asdict(o)}
-
-
-def _config_differences(old: dict, new: dict) -> list:
-    """The top-level parts (``base``, ``tuned``, ``map``, ``options``, ...) that differ."""
-    a, b = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _check_out(out: Path, config: dict, overwrite: bool) -> bool:
-    """Read-only: may ``out`` receive this diff? Returns True when it holds rows of the
-    same inputs and settings to resume from (their bytes are verified later)."""
-    cfg = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise ResumeError(f"{out}: exists and is not a folder")
-    if overwrite:
-        return False
-    if cfg.exists():
-        try:
-            old = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ResumeError(f"{cfg}: unreadable; use another output folder or "
-                              "overwrite=True (--overwrite)") from None
-        if not isinstance(old, dict) or old.get("version") != CONFIG_VERSION:
-            raise ResumeError(f"{cfg}: written by another gatesim version (rows without "
-                              "content checksums cannot be verified); use another output "
-                              "folder or overwrite=True (--overwrite)")
-        diffs = _config_differences(old, config)
-        if diffs:
-            raise ResumeError(f"{out}: holds a diff of other inputs or settings (config.json "
-                              f"differs in: {', '.join(diffs)}); use another output folder "
-                              "or overwrite=True (--overwrite)")
-        return True
-    if (out / "rows.jsonl").exists():
-        raise ResumeError(f"{out}: has rows.jsonl but no config.json; use another output "
-                          "folder or overwrite=True (--overwrite)")
-    return False
-
-
-def _init_out(out: Path, config: dict, overwrite: bool) -> None:
-    """The first write of a diff: clears our files (``overwrite``) and writes config.json."""
-    if overwrite and out.is_dir():
-        for name in _OUR_FILES:
-            p = out / name
-            if p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = out / "config.json"
-    tmp = cfg.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=1), encoding="utf-8")
-    os.replace(tmp, cfg)
-
-
-_IDENTITY = ("name", "base_name", "tuned_name", "status", "shape", "dtype", "tuned_dtype")
-
-
-def _verify_stored(out: Path, stored: dict, by_key: dict, ex: Executor,
-                   progress: bool) -> None:
-    """Every stored row must describe the same pair as now (names, status, shape, dtype)
-    and, for a paired row, have been computed from the same bytes: the current tensors'
-    checksums (read again now) must equal the row's. Raises ResumeError otherwise."""
-    for key, row in stored.items():
-        task = by_key.get(key)
-        if task is None:
-            raise ResumeError(f"{out}: rows.jsonl holds tensor {key!r}, which this diff does "
-                              "not have; use another output folder or --overwrite")
-        fresh = {c: None for c in COLUMNS}
-        info = {"name": key, "base_name": task.base.name if task.base else None,
-                "tuned_name": task.tuned.name if task.tuned else None,
-                "status": task.status,
-                "shape": json.dumps(list((task.base or task.tuned).shape)),
-                "dtype": (task.base or task.tuned).dtype,
-                "tuned_dtype": task.tuned.dtype if task.tuned else None}
-        fresh.update(info)
-        for c in _IDENTITY:
-            if row.get(c) != fresh[c]:
-                raise ResumeError(f"{out}: the stored row of {key!r} has {c}={row.get(c)!r}, "
-                                  f"the inputs now give {fresh[c]!r}; use another output "
-                                  "folder or --overwrite")
-        if task.status == "paired" and not (row.get("base_checksum")
-                                             and row.get("tuned_checksum")):
-            raise ResumeError(f"{out}: the stored row of {key!r} has no content checksum; "
-                              "use another output folder or --overwrite")
-    todo = [(k, by_key[k]) for k in stored if by_key[k].status == "paired"]
-    if not todo:
-        return
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="verify ", unit="tensor", file=sys.stderr,
-                   dynamic_ncols=True)
-    try:
-        for key, (cb, ct) in ex.map(tensor_checksums, todo):
-            row, task = stored[key], by_key[key]
-            for side, now, ref in (("base", cb, task.base), ("tuned", ct, task.tuned)):
-                was = row[f"{side}_checksum"]
-                if now != was:
-                    raise ResumeError(
-                        f"{out}: the stored row of {key!r} was computed from other bytes: "
-                        f"{ref.path} tensor {ref.name!r} now has checksum {now}, the row "
-                        f"{was} (the checkpoint changed since); use another output folder "
-                        "or --overwrite")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 def _csv_line(row: dict, columns=COLUMNS) -> str:
     import csv
     import io as _io
@@ -654,8 +531,8 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     if outp is not None:
-        config = _config(b, t, rules, opts)
-        resuming = _check_out(outp, config, overwrite)
+        config = make_config(b, t, rules, opts)
+        resuming = check_out(outp, config, overwrite)
         if resuming:
             try:                                       # reading only: no side effect
                 store = ResultStore(outp / "rows.jsonl")
@@ -664,13 +541,13 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
                 raise ResumeError(f"{exc}; use another output folder or --overwrite") \
                     from None
             stored = dict(store.items())
-            _verify_stored(outp, stored, by_key, ex, progress)
+            verify_stored(outp, stored, by_key, ex, progress)
             results = {kk: stored[kk] for kk in order if kk in stored}
             timings = {kk: tstore.get(kk) for kk in results if kk in tstore}
         else:
             store = ResultStore(outp / "rows.jsonl", fresh=True)
             tstore = ResultStore(outp / "timings.jsonl", fresh=True)
-        _init_out(outp, config, overwrite)              # the first write
+        init_out(outp, config, overwrite)               # the first write
         files.update(config=outp / "config.json", rows_jsonl=store.path,
                      rows_csv=outp / "rows.csv", timings=outp / "timings.csv")
         _write_csv(files["rows_csv"], [results[kk] for kk in order if kk in results])
