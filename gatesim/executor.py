@@ -89,7 +89,9 @@ class ProcessExecutor:
     the last holder of its pipe is gone) down within a second. Workers ignore SIGINT: a
     Ctrl-C reaches the parent only, which then kills the workers, cancels what was queued
     and re-raises ``KeyboardInterrupt`` at once (results already yielded stay stored).
-    The same happens when the caller stops iterating early or raises.
+    The same happens when the caller stops iterating early or raises. (Workers are
+    started by the thread that iterates, and the parent-death signal follows that thread:
+    iterate from a thread that outlives the iteration, as every gatesim command does.)
     """
 
     def __init__(self, workers: int, threads: int = 1):
@@ -294,8 +296,13 @@ class ResultStore:
         if len(set(keys)) != len(keys):
             raise ValueError("task keys must be unique")
         todo = [(k, p) for k, p in tasks if k not in self._results]
-        for key, result in executor.map(fn, todo):
-            self.add(key, result)
-            if progress is not None:
-                progress(key)
+        stream = executor.map(fn, todo)
+        try:
+            for key, result in stream:
+                self.add(key, result)
+                if progress is not None:
+                    progress(key)
+        finally:
+            if hasattr(stream, "close"):   # interrupted: the executor stops its workers now
+                stream.close()
         return {k: self._results[k] for k in keys}

@@ -558,8 +558,9 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     bars = _Bars(progress, len(tasks), sum(tk.nbytes for tk in tasks),
                  resumed, sum(by_key[kk].nbytes for kk in results))
     csv_f = open(files["rows_csv"], "a", encoding="utf-8", newline="") if outp else None
+    stream = ex.map(diff_tensor, todo)
     try:
-        for kk, result in ex.map(diff_tensor, todo):
+        for kk, result in stream:
             row, timing = _split_timing(result)
             if store is not None:
                 store.add(kk, row)
@@ -570,6 +571,8 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
                 csv_f.flush()
             bars.update(by_key[kk].nbytes)
     finally:
+        if hasattr(stream, "close"):   # an interrupted run stops the executor's workers now
+            stream.close()
         bars.close()
         if csv_f is not None:
             csv_f.close()

@@ -123,8 +123,9 @@ def verify_stored(out: Path, stored: dict, by_key: dict, ex: Executor,
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="verify ", unit="tensor", file=sys.stderr,
                    dynamic_ncols=True)
+    stream = ex.map(tensor_checksums, todo)
     try:
-        for key, (cb, ct) in ex.map(tensor_checksums, todo):
+        for key, (cb, ct) in stream:
             row, task = stored[key], by_key[key]
             for side, now, ref in (("base", cb, task.base), ("tuned", ct, task.tuned)):
                 was = row[f"{side}_checksum"]
@@ -137,5 +138,7 @@ def verify_stored(out: Path, stored: dict, by_key: dict, ex: Executor,
             if bar is not None:
                 bar.update(1)
     finally:
+        if hasattr(stream, "close"):      # a refusal stops the executor's workers now
+            stream.close()
         if bar is not None:
             bar.close()
