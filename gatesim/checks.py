@@ -20,6 +20,7 @@ that catch either keep working) naming the argument and what it got.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import typing
@@ -64,7 +65,7 @@ def check_real(v: Any, name: str, *, dtype=np.float64, lo: Optional[float] = Non
         used = float(dtype(x))
     dname = _DTYPE_NAMES.get(dtype, str(dtype))
     if finite and not math.isfinite(used):
-        extra = "" if math.isfinite(x) or math.isnan(x) else ""
+        extra = ""
         if math.isfinite(x):
             extra = (f" (it is used as {dname}, whose largest finite value is "
                      f"{float(np.finfo(dtype).max):.8g})")
@@ -139,12 +140,17 @@ def _coerce(v: Any, tp, name: str) -> Any:
     return v
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def check_fields(obj: Any) -> None:
     """Checks every field of the dataclass instance ``obj`` against its annotation (module
     docstring) and replaces numpy scalars by Python ones (works on frozen dataclasses).
     Raises :class:`ArgumentError` naming ``Class.field``."""
     cls = type(obj)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
         nv = _coerce(v, hints.get(f.name, Any), f"{cls.__name__}.{f.name}")

@@ -300,10 +300,11 @@ def diff_tensor(task: TensorTask) -> dict:
     # stored bytes (bitwise-only, no cast), else in a helper thread beside the metrics
     fused = o.bitwise_only and o.cast is None
     waiter = None if fused else checksum_tensors_async(W0, W1)
-    fs = None
+    fs = cks = None
     try:
         if o.cast is not None:
             W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
+            cks, waiter, raw = waiter(), None, ()   # the stored bytes may go now
         row["compared_dtype"] = str(W0.dtype).replace("torch.", "")
         if W0.numel() == 0:
             row["note"] = "empty tensor"
@@ -313,9 +314,9 @@ def diff_tensor(task: TensorTask) -> dict:
     finally:
         if waiter is not None:
             cks = waiter()
-        elif fs is not None and fs.counts.checksums is not None:
+        elif cks is None and fs is not None and fs.counts.checksums is not None:
             cks = fs.counts.checksums
-        else:                          # integer dtypes, empty tensors: not in the pass
+        elif cks is None:              # integer dtypes, empty tensors: not in the pass
             cks = [checksum_tensor(t) for t in raw]
         row["base_checksum"], row["tuned_checksum"] = cks
     del W0, W1, raw
