@@ -193,3 +193,26 @@ def test_checksums_fused_into_the_bitwise_pass_are_exact(dtype):
             ref = scan(x, y, gather=True)
             assert got.bitwise_equal == ref.bitwise_equal and got.nan_a == ref.nan_a
             assert got.checksums == (checksum_tensor(x), checksum_tensor(y))
+
+
+def test_sweep_resumed_on_changed_weights_is_refused(tmp_path):
+    """ablate's stored cells are tied to the checksum of every matrix they read."""
+    from safetensors.torch import save_file
+    from gatesim.sim.config import SweepConfig
+    from gatesim.sim.sweep import ablate
+    g = torch.Generator().manual_seed(0)
+    m = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(24, 12, generator=g)}, str(m))
+    sweep = SweepConfig(name="s", base={
+        "path": str(m), "matrix": "w", "rows": 16, "row_offset": 0, "n_contexts": 8,
+        "n_targets": 2, "batch": 4, "group": 4, "steps": 2, "eval_every": 1, "k": 2,
+        "policies": ["fp32"]})
+    doc = ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)
+    assert json.loads((tmp_path / "out" / "s" / "sweep.json").read_text())["inputs"]
+    ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)  # resumes
+    save_file({"w": torch.randn(24, 12, generator=g)}, str(m))     # later weights
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(ValueError, match="other weights"):
+        ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)
+    assert snapshot(tmp_path / "out") == before
+    assert doc["cells"]

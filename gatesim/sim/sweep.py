@@ -109,14 +109,16 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
     from gatesim.sim.report import write_figures, write_table
 
     run_dir = Path(out) / sweep.name
-    validate_sweep(sweep)            # every input of every cell, before anything is written
+    inputs = validate_sweep(sweep)   # every input of every cell, before anything is written
     ex = executor if executor is not None else make_executor(workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     mask_dir = run_dir / "masks"
     cfg_path = run_dir / "sweep.json"
-    cfg_text = json.dumps(sweep.to_dict(), indent=1, sort_keys=True)
+    # the weights' checksums too: cells stored from other bytes are never reused
+    cfg_text = json.dumps({**sweep.to_dict(), "inputs": inputs}, indent=1, sort_keys=True)
     if cfg_path.exists() and cfg_path.read_text(encoding="utf-8") != cfg_text:
-        raise ValueError(f"{run_dir} holds results of a different sweep config; use another "
+        raise ValueError(f"{run_dir} holds results of a different sweep config (or of other "
+                         "weights: sweep.json records their checksums); use another "
                          "--out or name, or delete it")
     cfg_path.write_text(cfg_text, encoding="utf-8")
     store = ResultStore(run_dir / "cells.jsonl")

@@ -7,7 +7,9 @@ name is opened the way a cell will open it: the file exists and is a valid safet
 file (the strict header validation of :mod:`gatesim.diff.io`), holds the tensor, the
 tensor is a floating 2-D matrix, the cell's rows ``row_offset .. row_offset + rows - 1``
 fit in it and are finite, ``n_targets < rows`` and ``k <= min(rows, columns)``. Each
-problem is one :class:`SweepConfigError` naming the cell, the file and the field.
+problem is one :class:`SweepConfigError` naming the cell, the file and the field. It also
+returns the content checksum of every matrix read, which ``ablate`` records in
+``sweep.json``: a sweep resumed after its weight file changed is refused, not mixed.
 
 :func:`spell_none` gives TOML, which has no null, a spelling for ``None``: the string
 ``"none"`` in an optional field (``clip = "none"``: no clipping; ``path = "none"``: the
@@ -15,6 +17,7 @@ bundled MiniLM; a file really called ``none`` is ``"./none"``).
 """
 from __future__ import annotations
 
+import os
 import typing
 import torch
 
@@ -61,8 +64,9 @@ def spell_none(d: dict) -> dict:
 
 
 def _matrix_rows(path: str, matrix: str, row_offset: int, rows: int, key: str,
-                 where: str) -> torch.Tensor:
-    """The cell's rows of ``matrix`` in ``path``, read through the validated header."""
+                 where: str) -> tuple:
+    """(the whole matrix, the cell's rows) of ``matrix`` in ``path``, read (memory-mapped)
+    through the validated header."""
     from gatesim.diff.errors import CheckpointError
     from gatesim.diff.io import read_safetensors_header, read_tensor, torch_dtype
     try:
@@ -90,28 +94,34 @@ def _matrix_rows(path: str, matrix: str, row_offset: int, rows: int, key: str,
         t = read_tensor(ref)
     except CheckpointError as exc:
         raise SweepConfigError(f"cell {key}: {where}: {exc}") from None
-    return t[row_offset: row_offset + rows]
+    return t, t[row_offset: row_offset + rows]
 
 
-def validate_sweep(sweep) -> None:
+def validate_sweep(sweep) -> dict:
     """Checks every input of every cell of ``sweep`` (module docstring); raises
-    :class:`SweepConfigError` on the first problem. Reads only the rows the cells use."""
-    validate_cells(sweep.cells())
+    :class:`SweepConfigError` on the first problem. Returns ``{"PATH::MATRIX": checksum}``
+    of every matrix the cells read (:mod:`gatesim.integrity`): what ties stored cells to
+    the weights they were computed from (``ablate`` records it in ``sweep.json``)."""
+    return validate_cells(sweep.cells())
 
 
-def validate_cells(cells) -> None:
+def validate_cells(cells) -> dict:
     """:func:`validate_sweep` for ``(key, CellConfig)`` pairs (``gatesim run``: one)."""
+    from gatesim.integrity import checksum_tensor
     from gatesim.weights import bundled_model_path
     seen: dict = {}
+    sums: dict = {}
     for key, cfg in cells:
         path = str(cfg.path) if cfg.path is not None else str(bundled_model_path())
         where = f"path {cfg.path!r}" if cfg.path is not None else "the bundled MiniLM"
         sig = (path, cfg.matrix, cfg.row_offset, cfg.rows)
         if sig not in seen:
-            import os
             if not os.path.isfile(path):
                 raise SweepConfigError(f"cell {key}: path: {path!r} is not a file")
-            w = _matrix_rows(path, cfg.matrix, cfg.row_offset, cfg.rows, key, where)
+            full, w = _matrix_rows(path, cfg.matrix, cfg.row_offset, cfg.rows, key, where)
+            ident = f"{os.path.abspath(path)}::{cfg.matrix}"
+            if ident not in sums:
+                sums[ident] = checksum_tensor(full)
             if not bool(torch.isfinite(w.to(torch.float32)).all()):
                 raise SweepConfigError(f"cell {key}: {path}: matrix: {cfg.matrix!r} has "
                                        "non-finite values in the chosen rows")
@@ -123,3 +133,4 @@ def validate_cells(cells) -> None:
         if cfg.n_targets >= rows:
             raise SweepConfigError(f"cell {key}: n_targets: {cfg.n_targets} must be below "
                                    f"rows ({rows})")
+    return dict(sorted(sums.items()))
