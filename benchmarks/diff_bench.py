@@ -146,7 +146,8 @@ rows = r.rows[r.rows["status"] == "paired"]
 sp = r.rows[r.rows["spectral"] == "ok"]
 print(json.dumps({"seconds": time.perf_counter() - t0, "changed": int(rows["changed"].sum()),
                   "numel": int(rows["numel"].sum()), "tensors": len(r.rows),
-                  "matrices": int(len(sp)), "svd_seconds": float(sp["svd_seconds"].sum())
+                  "matrices": int(len(sp)),
+                  "svd_seconds": float(r.timings["svd_seconds"].astype(float).sum())
                   if len(sp) else 0.0,
                   "nss_median": float(sp["nss"].median()) if len(sp) else None,
                   "angle_max": float(sp[["angle_left_max_deg", "angle_right_max_deg"]].max().max())

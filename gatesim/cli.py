@@ -29,7 +29,8 @@ DEMO_STEPS = (1e-6, 1e-5, 1e-4)
 def absorbed_table(seed: int = 0) -> list[dict]:
     """For each bundled matrix, format, step size and mode: the fraction of a random
     update (delta ~ step * N(0, 1)) that rounding to the stored format swallows."""
-    gen = torch.Generator().manual_seed(seed)
+    from gatesim.checks import check_int
+    gen = torch.Generator().manual_seed(check_int(seed, "seed", lo=0))
     rows = []
     for name in DEMO_MATRICES:
         w32 = load_matrix(name)
@@ -102,6 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = CellConfig()
     if args.config:
         cfg = CellConfig.from_dict(json.loads(Path(args.config).read_text(encoding="utf-8")))
+    from gatesim.sim.validate import validate_cells
+    validate_cells([("run", cfg)])                 # every input, before the stream is made
     torch.set_num_threads(1)
     res = run_cell(cfg, record=args.record)
     _print_policies(res["policies"])
@@ -178,6 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as exc:
         print(f"gatesim {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the worker pool is already down (gatesim.executor)
+        print(f"gatesim {args.cmd}: interrupted; finished results are stored, rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
 
 
 

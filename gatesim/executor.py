@@ -9,7 +9,12 @@ Two small pieces shared by :mod:`gatesim.sim` and :mod:`gatesim.diff`:
   instead: the work is a pure function of its payload, so where it runs does not matter.
 * A :class:`ResultStore` appends each finished result to a JSON-lines file at once
   (flushed and fsynced), and on a rerun reports which keys are done so they are skipped.
-  A killed run loses at most the items in flight; a torn last line is ignored.
+  A killed run loses at most the items in flight; a torn last line is ignored. Opening a
+  store writes nothing, so callers can validate everything first.
+
+A :class:`ProcessExecutor`'s workers die with the process that started them (``kill -9``
+included) and a Ctrl-C stops them at once (see its docstring); :func:`make_executor`
+checks ``workers`` and ``threads`` before anything runs.
 
 Determinism: every task runs with ``threads`` threads (default 1) in torch and in numba's
 parallel loops, so a result has the same bits whatever the number of workers, and a pool
@@ -20,9 +25,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Tuple, Union
+
+from gatesim.checks import check_int
 
 __all__ = ["Executor", "SerialExecutor", "ProcessExecutor", "make_executor", "ResultStore"]
 
@@ -57,9 +68,7 @@ class SerialExecutor:
     """Runs the tasks one after the other in this process."""
 
     def __init__(self, threads: int = 1):
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
+        self.threads = check_int(threads, "threads", lo=1)
 
     def map(self, fn, tasks):
         for key, payload in tasks:
@@ -72,54 +81,120 @@ class ProcessExecutor:
     At most ``2 * workers`` tasks are submitted at a time, so a long sweep does not queue
     (and pickle) everything up front. An exception in a task is raised here, after the
     results that finished before it were yielded (and so stored).
+
+    **Lifetime.** Workers never outlive this process: each asks the kernel for SIGKILL
+    when its parent dies (``prctl(PR_SET_PDEATHSIG)`` on Linux) and also watches its parent
+    pid from a thread (every 0.2 s; the fallback elsewhere), so a ``kill -9`` of the parent
+    takes the workers (and with them multiprocessing's resource tracker, which exits when
+    the last holder of its pipe is gone) down within a second. Workers ignore SIGINT: a
+    Ctrl-C reaches the parent only, which then kills the workers, cancels what was queued
+    and re-raises ``KeyboardInterrupt`` at once (results already yielded stay stored).
+    The same happens when the caller stops iterating early or raises. (Workers are
+    started by the thread that iterates, and the parent-death signal follows that thread:
+    iterate from a thread that outlives the iteration, as every gatesim command does.)
     """
 
     def __init__(self, workers: int, threads: int = 1):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.workers = workers
-        self.threads = threads
+        self.workers = check_int(workers, "workers", lo=1)
+        self.threads = check_int(threads, "threads", lo=1)
 
     def map(self, fn, tasks):
         tasks = list(tasks)
         if not tasks:
             return
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
-            pending = {}
-            it = iter(tasks)
-            error = None
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+        try:
+            yield from self._drive(pool, fn, tasks)
+        except BaseException:     # Ctrl-C, the caller stopped iterating, an error
+            _kill_pool(pool)
+            raise
+        pool.shutdown(wait=True)
 
-            def submit_next() -> bool:
-                try:
-                    key, payload = next(it)
-                except StopIteration:
-                    return False
-                pending[pool.submit(_run_task, fn, payload, self.threads)] = key
-                return True
+    def _drive(self, pool, fn, tasks):
+        pending = {}
+        it = iter(tasks)
+        error = None
 
-            for _ in range(2 * self.workers):
-                if not submit_next():
-                    break
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    key = pending.pop(fut)
-                    exc = fut.exception()
-                    if exc is not None:
-                        error = error or exc
-                        continue
-                    yield key, fut.result()
-                    if error is None:
-                        submit_next()
-            if error is not None:
-                raise error
+        def submit_next() -> bool:
+            try:
+                key, payload = next(it)
+            except StopIteration:
+                return False
+            pending[pool.submit(_run_task, fn, payload, self.threads)] = key
+            return True
+
+        for _ in range(2 * self.workers):
+            if not submit_next():
+                break
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    error = error or exc
+                    continue
+                yield key, fut.result()
+                if error is None:
+                    submit_next()
+        if error is not None:
+            raise error
+
+
+_PR_SET_PDEATHSIG = 1
+_WATCH_SECONDS = 0.2
+
+
+def _worker_init(parent_pid: int) -> None:
+    """First thing a pool worker runs: die with the parent, leave Ctrl-C to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass                  # the watchdog below still holds
+    if os.getppid() != parent_pid:    # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="gatesim-parent-watch",
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(_WATCH_SECONDS)
+        if os.getppid() != parent_pid:   # re-parented: the parent is gone
+            os._exit(1)
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Kills the pool's workers now (no waiting for running tasks), cancels the queue."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        pool.shutdown(wait=False, cancel_futures=True)
+    except Exception:   # noqa: BLE001 - a broken pool: the workers are dead anyway
+        pass
+    for p in procs:
+        try:
+            p.join(timeout=5)
+        except (OSError, ValueError, AssertionError):
+            pass
 
 
 def make_executor(workers: Optional[int] = None, threads: int = 1) -> Executor:
-    """``workers`` None or 1: serial; more: a local process pool."""
+    """``workers`` None or 1: serial; more: a local process pool; 0: one per core.
+    Both numbers are checked here (before a caller writes anything)."""
+    threads = check_int(threads, "threads", lo=1)
+    if workers is not None:
+        workers = check_int(workers, "workers", lo=0)
     if workers is None or workers == 1:
         return SerialExecutor(threads)
     if workers == 0:
@@ -131,21 +206,24 @@ class ResultStore:
     """Append-only JSON-lines store of finished results: one ``{"key": ..., "result": ...}``
     per line, written and fsynced as soon as the result exists.
 
-    Loading skips a torn last line (a run killed mid-write) and keeps the last record of a
-    key written twice. Results must be JSON-serializable.
+    Opening a store only reads (nothing is created or repaired until the first
+    :meth:`add`, so a command can open it, validate, and still leave nothing behind when
+    it refuses). Loading skips a torn last line (a run killed mid-write; the file is cut
+    back to whole lines before the next record is appended) and keeps the last record of
+    a key written twice. ``fresh=True`` ignores what the file holds (it is replaced at the
+    first :meth:`add`). Results must be JSON-serializable.
     """
 
-    def __init__(self, path: Union[str, os.PathLike]):
+    def __init__(self, path: Union[str, os.PathLike], *, fresh: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._results: dict[str, Any] = {}
-        if self.path.exists():
+        self._rewrite_first = fresh and self.path.exists()
+        if self.path.exists() and not fresh:
             self._load()
 
     def _load(self) -> None:
         with open(self.path, "r", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        torn = False
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
@@ -153,21 +231,35 @@ class ResultStore:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 if i >= len(lines) - 2:  # the torn last line of a killed run
-                    torn = True
+                    self._rewrite_first = True
                     continue
                 raise ValueError(f"{self.path}: line {i + 1} is not JSON; the result store "
                                  "is damaged (delete it to start over)") from None
             if not isinstance(rec, dict) or "key" not in rec or "result" not in rec:
                 raise ValueError(f"{self.path}: line {i + 1} is not a result record")
             self._results[str(rec["key"])] = rec["result"]
-        if not torn:
-            return
-        # a torn tail would glue onto the next record: cut the file back to whole lines
-        text = "".join(json.dumps({"key": k, "result": v}) + "\n"
-                       for k, v in self._results.items())
+
+    def _write_all(self, keys) -> None:
+        """Replaces the file (atomically) by the records of ``keys``, in that order."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps({"key": k, "result": self._results[k]}, allow_nan=True)
+                       + "\n" for k in keys)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        self._rewrite_first = False
+
+    def rewrite(self, order: Sequence[str]) -> None:
+        """Rewrites the file with one record per stored key, keys of ``order`` first in
+        that order, then the rest: a store filled in completion order (a process pool, a
+        resumed run) becomes the same bytes as one filled in order."""
+        seen = set(order)
+        keys = [k for k in order if k in self._results]
+        keys += [k for k in self._results if k not in seen]
+        self._write_all(keys)
 
     def __contains__(self, key: str) -> bool:
         return key in self._results
@@ -187,6 +279,9 @@ class ResultStore:
 
     def add(self, key: str, result: Any) -> None:
         line = json.dumps({"key": key, "result": result}, allow_nan=True)
+        if self._rewrite_first:     # a torn tail (or a fresh start) would glue onto this
+            self._write_all(list(self._results))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -201,8 +296,13 @@ class ResultStore:
         if len(set(keys)) != len(keys):
             raise ValueError("task keys must be unique")
         todo = [(k, p) for k, p in tasks if k not in self._results]
-        for key, result in executor.map(fn, todo):
-            self.add(key, result)
-            if progress is not None:
-                progress(key)
+        stream = executor.map(fn, todo)
+        try:
+            for key, result in stream:
+                self.add(key, result)
+                if progress is not None:
+                    progress(key)
+        finally:
+            if hasattr(stream, "close"):   # interrupted: the executor stops its workers now
+                stream.close()
         return {k: self._results[k] for k in keys}

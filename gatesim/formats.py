@@ -17,6 +17,8 @@ from typing import Optional, Union
 
 import torch
 
+from gatesim.checks import check_fields
+
 __all__ = ["Format", "FP32", "TF32", "BF16", "FP16", "E4M3FN", "E5M2", "FORMATS", "as_format"]
 
 _NAN_KINDS = ("ieee", "fn")
@@ -38,6 +40,9 @@ class Format:
             values, only the all-ones pattern is NaN, and there is no infinity.
         name: a label for reports.
 
+    Every field is checked against its type on construction
+    (:func:`gatesim.checks.check_fields`): ``inf="no"`` or ``subnormals=2`` are refused.
+
     Raises:
         ValueError: naming the offending parameter when the format is impossible or
             does not fit in float32.
@@ -52,18 +57,13 @@ class Format:
     name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for field in ("ebits", "mbits"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{field} must be an int, got {v!r}")
+        check_fields(self)   # ints are ints, bools are bools, nan and name are strings
         if not 1 <= self.ebits <= 8:
             raise ValueError(f"ebits must be in 1..8, got {self.ebits}")
         if not 0 <= self.mbits <= 23:
             raise ValueError(f"mbits must be in 0..23, got {self.mbits}")
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.ebits - 1) - 1)
-        elif isinstance(self.bias, bool) or not isinstance(self.bias, int):
-            raise ValueError(f"bias must be an int, got {self.bias!r}")
         if self.nan not in _NAN_KINDS:
             raise ValueError(f"nan must be one of {_NAN_KINDS}, got {self.nan!r}")
         if self.nan == "fn" and self.inf:

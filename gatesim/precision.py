@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 
 from gatesim._ops import ops
+from gatesim.checks import check_int
 from gatesim.formats import Format, as_format
 
 __all__ = ["MODES", "quantize", "to_dtype", "ulp", "absorbed", "random_bits"]
@@ -54,8 +55,7 @@ def _check_tensor(x, argname: str, like: Optional[torch.Tensor] = None,
 
 
 def _stream_args(mode: int, seed: Optional[int], offset: int, n: int) -> tuple[int, int]:
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    offset = check_int(offset, "offset", lo=0)
     if offset + n > _MAX_OFFSET:
         raise ValueError(f"offset + numel must stay below 2**62, got {offset} + {n}")
     if mode != MODES.index("stochastic"):
@@ -63,8 +63,7 @@ def _stream_args(mode: int, seed: Optional[int], offset: int, n: int) -> tuple[i
     if seed is None:
         raise ValueError("seed is required for mode='stochastic' (results are a pure "
                          "function of seed, offset and position)")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    seed = check_int(seed, "seed", lo=0, hi=_MAX_SEED)
     return seed, offset
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from gatesim._ops import ops
+from gatesim.checks import check_int, check_real
 from gatesim.formats import Format, as_format
 from gatesim.precision import _check_tensor, _stream_args, mode_index
 
@@ -176,8 +177,11 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
         mode: rounding mode of the stored value (any of :data:`gatesim.MODES`).
         master: float32 master weights, updated in place; param becomes ``R(master)``.
         compensation: Kahan buffer of param's dtype, updated in place (rounded to nearest).
-        alpha: the update is ``alpha * delta`` (alpha is taken as float32, as PyTorch does).
-        decay: multiplicative decay applied first (AdamW: ``1 - lr * weight_decay``).
+        alpha: the update is ``alpha * delta`` (alpha is taken as float32, as PyTorch does;
+            a value that is not finite in float32, such as 1e39, is refused; numpy
+            scalars are accepted).
+        decay: multiplicative decay applied first (AdamW: ``1 - lr * weight_decay``),
+            float32 like alpha.
         sum: ``"exact"`` or ``"fp32"``; see the module docstring (ignored with master).
         seed, offset, step: the Philox stream of stochastic rounding: element ``i`` uses
             position ``offset + i`` of stream ``2 * step + 1`` (``2 * step`` for the decay's
@@ -201,14 +205,12 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
         raise ValueError(f"sum must be one of {SUM_MODES}, got {sum!r}")
     m = mode_index(mode)
     seed_, offset_ = _stream_args(m, seed, offset, param.numel())
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    for name, v in (("alpha", alpha), ("decay", decay)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if rand_bits is not None and (isinstance(rand_bits, bool) or not isinstance(rand_bits, int)
-                                  or not 1 <= rand_bits <= 32):
-        raise ValueError(f"rand_bits must be an int in 1..32 or None, got {rand_bits!r}")
+    step = check_int(step, "step", lo=0)
+    # the op takes alpha and decay as float32: 1e39 is finite in float64, inf in float32
+    alpha = check_real(alpha, "alpha", dtype=np.float32)
+    decay = check_real(decay, "decay", dtype=np.float32)
+    if rand_bits is not None:
+        rand_bits = check_int(rand_bits, "rand_bits", lo=1, hi=32)
     if check_finite and not bool(torch.isfinite(delta).all()):
         raise ValueError("delta holds inf or NaN (check_finite=True); nothing was updated")
     args = fmt.op_args(saturate=bool(saturate), rand_bits=rand_bits or 0)

@@ -17,6 +17,7 @@ callable (``gatesim.diff(...)`` is :func:`gatesim.diff.core.diff`).
 * :mod:`~gatesim.diff.gram`: exact top-k singular vectors and all singular values;
 * :mod:`~gatesim.diff.matrix`: the spectral and mask metrics of one matrix pair;
 * :mod:`~gatesim.diff.core`: the per-tensor pure function and the driver;
+* :mod:`~gatesim.diff.resume`: the output folder: run identity, resume checks;
 * :mod:`~gatesim.diff.report`: summaries, figures, Markdown;
 * :mod:`~gatesim.diff.errors`: the documented exceptions;
 * :mod:`~gatesim.diff.cli`: ``gatesim diff`` (:func:`~gatesim.diff.cli.add_diff_parser`);

@@ -1,8 +1,10 @@
 """``gatesim diff BASE TUNED [--out DIR] ...``: the command-line face of :func:`gatesim.diff`.
 
 :func:`add_diff_parser` adds the subcommand to the ``gatesim`` argparse parser;
-:func:`cmd_diff` runs it. Errors of the inputs (:class:`gatesim.diff.DiffError`) print one
-line to stderr and exit with status 2; nothing is written for them.
+:func:`cmd_diff` runs it. Errors of the inputs (:class:`gatesim.diff.DiffError`, bad
+arguments) print one line to stderr and exit with status 2; nothing is written for them.
+Ctrl-C stops the worker pool at once and exits with status 130; the rows stored so far
+resume.
 """
 from __future__ import annotations
 
@@ -79,9 +81,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
                    max_svd_numel=args.max_svd_numel, workers=args.workers,
                    threads=args.threads, progress=not args.no_progress,
                    overwrite=args.overwrite, figures=not args.no_figures)
-    except (DiffError, ValueError) as exc:
+    except (DiffError, ValueError, TypeError) as exc:
         print(f"gatesim diff: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the worker pool is already down (gatesim.executor)
+        where = f"; the rows finished so far are in {args.out}, rerun the same command " \
+                "to resume" if args.out else ""
+        print(f"gatesim diff: interrupted{where}", file=sys.stderr)
+        return 130
     cols = ["tensors", "numel", "changed", "sparsity_bitwise", "sparsity_relative",
             "sparsity_atol", "ulp_1_frac", "if_bf16_sparsity", "if_fp16_sparsity",
             "matrices", "nss_median", "angle_max_deg"]

@@ -31,7 +31,9 @@ map, ``base_name``, ``tuned_name``, ``status``, ``layer``, ``module``, ``param``
   ``energy_topk_baseline = (k/m)(k/n)``, and the overlaps of the bitwise update mask with the
   principal mask ``Top_alpha(|W0^(k)|)``, the low-magnitude mask ``Bottom_alpha(|W0|)`` and
   the principal-without-low mask, each with ``_baseline`` (the update density) and
-  ``_ratio``; ``spectral`` says ``ok`` or why the block was skipped.
+  ``_ratio``; ``spectral`` says ``ok`` or why the block was skipped;
+* ``base_checksum`` / ``tuned_checksum``: checksums of the two tensors' stored bytes
+  (paired rows; what ties a stored row to its data when resuming).
 
 **k and alpha.** Default ``k = min(64, max(1, min(m, n) // 4))`` per matrix (64 for every
 Qwen2/Llama projection; small matrices get a quarter of their rank, so the subspace stays
@@ -46,14 +48,22 @@ a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compu
 (about 5..15x slower here). Randomized SVD is not offered (SCIENCE.md, "Randomized SVD
 warning").
 
-**Output and resume** (``out=``): ``config.json`` (inputs' fingerprints and settings),
-``rows.jsonl`` (a :class:`gatesim.executor.ResultStore`: each row appended and fsynced as
-soon as it is computed), ``rows.csv`` (the same rows, appended as they come, rewritten in
-checkpoint order at the end), then ``summary_module.csv``, ``summary_layer.csv``,
-``summary_model.csv``, the figures and ``report.md`` (:mod:`gatesim.diff.report`). A run
-that is interrupted resumes from ``rows.jsonl``: rerunning the same command computes only
-the missing rows. Rerunning with other inputs or settings on the same folder raises
-:class:`~gatesim.diff.errors.ResumeError` (pass ``overwrite=True`` to start over).
+**Output and resume** (``out=``): ``config.json`` (both inputs' absolute paths, every
+file's name, size and header hash, the map and the settings), ``rows.jsonl`` (a
+:class:`gatesim.executor.ResultStore`: each row appended and fsynced as soon as it is
+computed, rewritten in checkpoint order at the end), ``rows.csv`` (the same rows, appended
+as they come, rewritten in checkpoint order at the end), ``timings.jsonl`` /
+``timings.csv`` (per-tensor wall times, :data:`TIMING_COLUMNS`), then
+``summary_module.csv``, ``summary_layer.csv``, ``summary_model.csv``, the figures and
+``report.md`` (:mod:`gatesim.diff.report`). Every file but the timings is the same bytes
+for the same inputs, whatever the worker count and however often the run was resumed.
+A run that is interrupted resumes from ``rows.jsonl``: rerunning the same command
+computes only the missing rows. A stored row is reused only if ``config.json`` matches and
+the row's ``base_checksum`` / ``tuned_checksum`` (:mod:`gatesim.integrity` checksums of
+the two tensors' stored bytes) equal those of the tensors now at those paths (read again
+when resuming); otherwise :class:`~gatesim.diff.errors.ResumeError` names the difference
+(pass ``overwrite=True`` to start over). Nothing is written before the options, both
+checkpoints and the stored rows have been checked.
 
 **Memory.** Each worker maps the two tensors it compares (L bytes each at most) and
 unmaps them before the next pair; the sparsity pass adds the changed entries; the spectral
@@ -83,13 +93,17 @@ import torch
 
 import gatesim
 import gatesim.metrics as gm
+from gatesim.checks import check_bool, check_fields, check_int, check_real
+from gatesim.integrity import checksum_tensor, checksum_tensors_async
 from gatesim.diff.errors import ResumeError
 from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor, torch_dtype
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
+from gatesim.diff.resume import check_out, init_out, make_config, verify_stored
 from gatesim.diff.scan import sparsity_fast
 from gatesim.executor import Executor, ResultStore, make_executor
 
-__all__ = ["diff", "diff_tensor", "DiffOptions", "TensorTask", "DiffResult", "COLUMNS",
+__all__ = ["diff", "diff_tensor", "tensor_checksums", "DiffOptions", "TensorTask",
+           "DiffResult", "COLUMNS", "TIMING_COLUMNS",
            "default_k", "pair_tensors", "CASTS", "SVD_METHODS"]
 
 CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,8 +126,11 @@ COLUMNS = (
     "overlap_low", "overlap_low_baseline", "overlap_low_ratio",
     "overlap_principal_not_low", "overlap_principal_not_low_baseline",
     "overlap_principal_not_low_ratio", "overlap_principal_not_low_cond_baseline",
-    "update_normF", "svd", "svd_seconds", "seconds", "note",
+    "update_normF", "svd", "base_checksum", "tuned_checksum", "note",
 )
+#: Per-tensor timings: not part of a row (rows are byte-reproducible; timings are not),
+#: kept in ``timings.csv`` and :attr:`DiffResult.timings`.
+TIMING_COLUMNS = ("seconds", "svd_seconds")
 
 #: Statuses of a row.
 STATUSES = ("paired", "only_base", "only_tuned", "shape_mismatch", "dtype_mismatch")
@@ -139,23 +156,18 @@ class DiffOptions:
     max_svd_numel: Optional[int] = None
 
     def check(self) -> "DiffOptions":
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
-                                   or self.k < 1):
-            raise ValueError(f"k must be a positive int or None, got {self.k!r}")
-        gm.select_count(self.alpha, 1)               # alpha in (0, 1], else ValueError
+        check_fields(self)                 # bools are bools, numpy scalars are numbers
+        if self.k is not None:
+            check_int(self.k, "k", lo=1)
+        check_real(self.alpha, "alpha", lo=0, lo_open=True, hi=1)
         for nm in ("eta", "atol"):
-            v = getattr(self, nm)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
-                    or not math.isfinite(v):
-                raise ValueError(f"{nm} must be a finite number >= 0, got {v!r}")
+            check_real(getattr(self, nm), nm, lo=0)
         if self.cast is not None and self.cast not in CASTS:
             raise ValueError(f"cast must be None or one of {sorted(CASTS)}, got {self.cast!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
-        if self.max_svd_numel is not None and (not isinstance(self.max_svd_numel, int)
-                                               or self.max_svd_numel < 1):
-            raise ValueError(f"max_svd_numel must be a positive int or None, got "
-                             f"{self.max_svd_numel!r}")
+        if self.max_svd_numel is not None:
+            check_int(self.max_svd_numel, "max_svd_numel", lo=1)
         return self
 
 
@@ -186,8 +198,10 @@ def _cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return gatesim.to_dtype(x.to(torch.float32).contiguous(), target)
 
 
-def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions):
-    fs = sparsity_fast(W0, W1, eta=o.eta, atol=o.atol, bitwise_only=o.bitwise_only)
+def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions, *,
+                    checksums: bool = False):
+    fs = sparsity_fast(W0, W1, eta=o.eta, atol=o.atol, bitwise_only=o.bitwise_only,
+                       checksums=checksums)
     c = fs.counts
     n = c.n
     changed = n - fs.bitwise_equal
@@ -252,7 +266,14 @@ def _spectral_skip(W0: torch.Tensor, row: dict, o: DiffOptions) -> Optional[str]
 
 def diff_tensor(task: TensorTask) -> dict:
     """One row (module docstring) for one pair: a pure function of ``task`` and the files
-    it names, run by the executor (in another process with ``workers > 1``)."""
+    it names, run by the executor (in another process with ``workers > 1``). The row also
+    holds the :data:`TIMING_COLUMNS` (wall seconds), which :func:`diff` moves to
+    ``timings.csv``; every other value is the same bits on every run.
+
+    ``base_checksum`` / ``tuned_checksum``: :mod:`gatesim.integrity` checksums of the two
+    tensors' stored bytes, computed in the pass that reads them (bitwise-only: inside the
+    scan's own loop; otherwise in a helper thread beside the metrics), so a resumed run
+    can prove its stored rows came from the same bytes."""
     t0 = time.perf_counter()
     o = task.opts
     ref = task.base or task.tuned
@@ -263,7 +284,7 @@ def diff_tensor(task: TensorTask) -> dict:
                layer=info.layer, module=info.module, param=info.param, expert=info.expert,
                shape=json.dumps(list(ref.shape)), dtype=ref.dtype,
                tuned_dtype=task.tuned.dtype if task.tuned else None,
-               numel=ref.numel, bytes=task.nbytes)
+               numel=ref.numel, bytes=task.nbytes, svd_seconds=None)
     if task.status != "paired":
         if task.status == "shape_mismatch":
             row["note"] = f"tuned shape {list(task.tuned.shape)}"
@@ -274,15 +295,39 @@ def diff_tensor(task: TensorTask) -> dict:
         return row
     W0 = read_tensor(task.base)
     W1 = read_tensor(task.tuned)
-    if o.cast is not None:
-        W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
-    row["compared_dtype"] = str(W0.dtype).replace("torch.", "")
-    if W0.numel() == 0:
-        row["note"] = "empty tensor"
-        row["spectral"] = "skipped: empty"
-        row["seconds"] = time.perf_counter() - t0
-        return row
-    _sparsity_block(row, W0, W1, o)
+    raw = (W0, W1)
+    # the checksums of the stored bytes: inside the bitwise pass itself when it reads the
+    # stored bytes (bitwise-only, no cast), else in a helper thread beside the metrics
+    fused = o.bitwise_only and o.cast is None
+    waiter = None if fused else checksum_tensors_async(W0, W1)
+    fs = cks = None
+    try:
+        if o.cast is not None:
+            W0, W1 = _cast(W0, CASTS[o.cast]), _cast(W1, CASTS[o.cast])
+            cks, waiter, raw = waiter(), None, ()   # the stored bytes may go now
+        row["compared_dtype"] = str(W0.dtype).replace("torch.", "")
+        if W0.numel() == 0:
+            row["note"] = "empty tensor"
+            row["spectral"] = "skipped: empty"
+        else:
+            fs = _metrics(row, W0, W1, o, checksums=fused)
+    finally:
+        if waiter is not None:
+            cks = waiter()
+        elif cks is None and fs is not None and fs.counts.checksums is not None:
+            cks = fs.counts.checksums
+        elif cks is None:              # integer dtypes, empty tensors: not in the pass
+            cks = [checksum_tensor(t) for t in raw]
+        row["base_checksum"], row["tuned_checksum"] = cks
+    del W0, W1, raw
+    _trim()
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _metrics(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions, *,
+             checksums: bool = False):
+    fs = _sparsity_block(row, W0, W1, o, checksums=checksums)
     skip = _spectral_skip(W0, row, o)
     if skip is None:
         try:
@@ -292,10 +337,14 @@ def diff_tensor(task: TensorTask) -> dict:
             row["spectral"] = f"error: {exc}"
     else:
         row["spectral"] = skip
-    del W0, W1
-    _trim()
-    row["seconds"] = time.perf_counter() - t0
-    return row
+    return fs
+
+
+def tensor_checksums(task: TensorTask) -> tuple:
+    """``(base_checksum, tuned_checksum)`` of a paired task's stored bytes (what a resumed
+    :func:`diff` compares with its stored rows; an executor task like :func:`diff_tensor`)."""
+    W0, W1 = read_tensor(task.base), read_tensor(task.tuned)
+    return tuple(checksum_tensors_async(W0, W1)())
 
 
 _LIBC: Any = None
@@ -373,6 +422,8 @@ class DiffResult:
         base, tuned: the validated :class:`~gatesim.diff.io.Checkpoint` objects.
         resumed: rows taken from an earlier, interrupted run.
         seconds: wall time.
+        timings: DataFrame ``name, seconds, svd_seconds`` (per-tensor wall times; kept
+            out of the rows so that those are the same bytes on every run).
     """
 
     rows: Any
@@ -383,74 +434,33 @@ class DiffResult:
     tuned: Checkpoint
     resumed: int
     seconds: float
+    timings: Any = None
 
 
-_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "summary_module.csv",
-              "summary_layer.csv", "summary_model.csv", "report.md",
-              "fig_sparsity.png", "fig_ulp.png", "fig_angles.png")
-
-
-def _config(base: Checkpoint, tuned: Checkpoint, rules, o: DiffOptions) -> dict:
-    return {"tool": "gatesim.diff", "version": 1,
-            "base": {"path": base.path, "kind": base.kind, "files": base.fingerprint},
-            "tuned": {"path": tuned.path, "kind": tuned.kind, "files": tuned.fingerprint},
-            "map": [list(r) for r in rules], "options": dataclasses.asdict(o)}
-
-
-def _same_config(a: dict, b: dict) -> bool:
-    """Paths may differ (a moved folder); contents and settings may not."""
-    strip = lambda c: {**c, "base": {**c["base"], "path": None},  # noqa: E731
-                       "tuned": {**c["tuned"], "path": None}}
-    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
-
-
-def _prepare_out(out: Path, config: dict, overwrite: bool) -> None:
-    cfg = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise ResumeError(f"{out}: exists and is not a folder")
-    if cfg.exists():
-        try:
-            old = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if overwrite:
-            for name in _OUR_FILES:
-                p = out / name
-                if p.exists():
-                    p.unlink()
-        elif old is None or not _same_config(old, config):
-            raise ResumeError(f"{out}: holds a diff of other inputs or settings (see its "
-                              "config.json); use another output folder or overwrite=True "
-                              "(--overwrite)")
-    elif (out / "rows.jsonl").exists():
-        if not overwrite:
-            raise ResumeError(f"{out}: has rows.jsonl but no config.json; use another output "
-                              "folder or overwrite=True (--overwrite)")
-        (out / "rows.jsonl").unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=1), encoding="utf-8")
-    os.replace(tmp, cfg)
-
-
-def _csv_line(row: dict) -> str:
+def _csv_line(row: dict, columns=COLUMNS) -> str:
     import csv
     import io as _io
     buf = _io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(
-        ["" if row.get(c) is None else row.get(c) for c in COLUMNS])
+        ["" if row.get(c) is None else row.get(c) for c in columns])
     return buf.getvalue()
 
 
-def _write_csv(path: Path, rows: list) -> None:
+def _write_csv(path: Path, rows: list, columns=COLUMNS) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(COLUMNS) + "\n")
+        f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(_csv_line(r))
+            f.write(_csv_line(r, columns))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _split_timing(result: dict) -> tuple[dict, dict]:
+    """(row without timings, timings) of a :func:`diff_tensor` result."""
+    row = {c: result.get(c) for c in COLUMNS}
+    return row, {c: result.get(c) for c in TIMING_COLUMNS}
 
 
 def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
@@ -491,54 +501,79 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
         limit: compute at most this many new rows, then stop without the final report
             (for tests and partial runs; resuming completes them).
 
+    Every argument and both checkpoints are checked, and a resumed ``out`` verified,
+    before the first byte is written. Resuming reuses a stored row only if the inputs'
+    paths, file headers and settings are those of ``config.json`` and the row's tensors
+    still have the checksums stored with it (they are read again to check).
+
     Raises:
         CheckpointError: invalid or unsafe input (before anything is written).
-        NameMapError: a bad prefix map. ResumeError: ``out`` holds another run.
+        NameMapError: a bad prefix map. ResumeError: ``out`` holds another run, or rows
+        computed from other bytes. ValueError / TypeError: a bad argument.
     """
     t_start = time.perf_counter()
     opts = DiffOptions(k=k, alpha=alpha, eta=eta, atol=atol, sparsity_only=sparsity_only,
                        bitwise_only=bitwise_only, cast=cast, svd=svd,
                        max_svd_numel=max_svd_numel).check()
+    for nm, v in (("progress", progress), ("overwrite", overwrite), ("figures", figures)):
+        check_bool(v, nm)
+    if limit is not None:
+        check_int(limit, "limit", lo=0)
     rules = parse_map(map)
+    ex = executor if executor is not None else make_executor(workers, threads)
     b = open_checkpoint(base)
     t = open_checkpoint(tuned)
     tasks = pair_tensors(b, t, rules, opts)
     order = [tk.key for tk in tasks]
+    by_key = {tk.key: tk for tk in tasks}
     files: dict[str, Path] = {}
     outp = Path(out) if out is not None else None
-    store: Optional[ResultStore] = None
+    store = tstore = None
     results: dict[str, dict] = {}
+    timings: dict[str, dict] = {}
     if outp is not None:
-        _prepare_out(outp, _config(b, t, rules, opts), overwrite)
-        files["config"] = outp / "config.json"
-        store = ResultStore(outp / "rows.jsonl")
-        files["rows_jsonl"] = store.path
-        results = {kk: store.get(kk) for kk in order if kk in store}
-        files["rows_csv"] = outp / "rows.csv"
+        config = make_config(b, t, rules, opts)
+        resuming = check_out(outp, config, overwrite)
+        if resuming:
+            try:                                       # reading only: no side effect
+                store = ResultStore(outp / "rows.jsonl")
+                tstore = ResultStore(outp / "timings.jsonl")
+            except ValueError as exc:
+                raise ResumeError(f"{exc}; use another output folder or --overwrite") \
+                    from None
+            stored = dict(store.items())
+            verify_stored(outp, stored, by_key, ex, progress)
+            results = {kk: stored[kk] for kk in order if kk in stored}
+            timings = {kk: tstore.get(kk) for kk in results if kk in tstore}
+        else:
+            store = ResultStore(outp / "rows.jsonl", fresh=True)
+            tstore = ResultStore(outp / "timings.jsonl", fresh=True)
+        init_out(outp, config, overwrite)               # the first write
+        files.update(config=outp / "config.json", rows_jsonl=store.path,
+                     rows_csv=outp / "rows.csv", timings=outp / "timings.csv")
         _write_csv(files["rows_csv"], [results[kk] for kk in order if kk in results])
     resumed = len(results)
     todo = [(tk.key, tk) for tk in tasks if tk.key not in results]
     if limit is not None:
         todo = todo[:limit]
-    by_key = {tk.key: tk for tk in tasks}
-    ex = executor if executor is not None else make_executor(workers, threads)
     bars = _Bars(progress, len(tasks), sum(tk.nbytes for tk in tasks),
                  resumed, sum(by_key[kk].nbytes for kk in results))
     csv_f = open(files["rows_csv"], "a", encoding="utf-8", newline="") if outp else None
+    stream = ex.map(diff_tensor, todo)
     try:
-        def done(key: str, row: dict) -> None:
-            results[key] = row
+        for kk, result in stream:
+            row, timing = _split_timing(result)
+            if store is not None:
+                store.add(kk, row)
+                tstore.add(kk, timing)
+            results[kk], timings[kk] = row, timing
             if csv_f is not None:
                 csv_f.write(_csv_line(row))
                 csv_f.flush()
-            bars.update(by_key[key].nbytes)
-
-        if store is not None:
-            store.run(ex, diff_tensor, todo, progress=lambda kk: done(kk, store.get(kk)))
-        else:
-            for kk, row in ex.map(diff_tensor, todo):
-                done(kk, row)
+            bars.update(by_key[kk].nbytes)
     finally:
+        if hasattr(stream, "close"):   # an interrupted run stops the executor's workers now
+            stream.close()
         bars.close()
         if csv_f is not None:
             csv_f.close()
@@ -547,17 +582,22 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     complete = all(kk in results for kk in order)
     rows = [results[kk] for kk in order if kk in results]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
+    tdf = pd.DataFrame([{"name": kk, **(timings.get(kk) or {})} for kk in order
+                        if kk in results], columns=["name", *TIMING_COLUMNS])
     summary: dict = {}
     if outp is not None:
         _write_csv(files["rows_csv"], rows)
+        _write_csv(files["timings"], tdf.to_dict("records"), ("name", *TIMING_COLUMNS))
+        if complete:            # the store in checkpoint order: the same bytes every time
+            store.rewrite(order)
     if complete:
         from gatesim.diff import report as rep
         summary = rep.summarize(df)
         if outp is not None:
             files.update(rep.write_outputs(outp, df, summary, b, t, rules, opts,
-                                           figures=figures,
-                                           seconds=time.perf_counter() - t_start))
-    return DiffResult(df, summary, outp, files, b, t, resumed, time.perf_counter() - t_start)
+                                           figures=figures))
+    return DiffResult(df, summary, outp, files, b, t, resumed, time.perf_counter() - t_start,
+                      tdf)
 
 
 class _Bars:

@@ -70,6 +70,53 @@ def _scan_quick(a, b, magmask, sign):
 
 
 @numba.njit(cache=True, nogil=True)
+def _quick_words(wa, wb, lane_bits, block, spec_add):
+    """The quick pass over whole 64-bit words, SWAR on ``lane_bits``-wide elements, fused
+    with the content checksums of both sides (:mod:`gatesim.integrity`, words from 0):
+    ``(n_diff, flags, sum_a, sum_b)``. ``flags`` is non-zero when some element differs by
+    the sign bit alone (a +0/-0 candidate) or has a magnitude at or above
+    ``2**(lane_bits-1) - spec_add`` (an inf/NaN candidate): then the full count must run.
+    Lane counters are summed every ``block`` words (below 2**lane_bits)."""
+    one = np.uint64(0)
+    for j in range(64 // lane_bits):
+        one |= np.uint64(1) << np.uint64(j * lane_bits)
+    hi = one << np.uint64(lane_bits - 1)
+    lo = ~hi
+    sadd = one * np.uint64(spec_add)
+    sh = np.uint64(lane_bits - 1)
+    k = np.uint64(0x9E3779B97F4A7C15)
+    c = np.uint64(0xBF58476D1CE4E5B9)
+    s29 = np.uint64(29)
+    lane_mask = ~np.uint64(0) if lane_bits == 64 else \
+        (np.uint64(1) << np.uint64(lane_bits)) - np.uint64(1)
+    pos = np.uint64(0)
+    ha = np.uint64(0)
+    hb = np.uint64(0)
+    flags = np.uint64(0)
+    total = 0
+    n = wa.size
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        lanes = np.uint64(0)
+        for i in range(start, stop):
+            x = wa[i]
+            y = wb[i]
+            d = x ^ y
+            lanes += ((((d & lo) + lo) | d) & hi) >> sh      # 1 per differing element
+            e = d ^ hi
+            flags |= (~(((e & lo) + lo) | e) & hi) | (((x & lo) + sadd) & hi) \
+                | (((y & lo) + sadd) & hi)
+            xa = x ^ pos
+            ha += (xa ^ (xa >> s29)) * c
+            xb = y ^ pos
+            hb += (xb ^ (xb >> s29)) * c
+            pos += k
+        for j in range(64 // lane_bits):
+            total += int((lanes >> np.uint64(j * lane_bits)) & lane_mask)
+    return total, flags, ha, hb
+
+
+@numba.njit(cache=True, nogil=True)
 def _scan_count(a, b, magmask, inf_mag, nan_from, is_float):
     n_diff = 0
     zero_diff = 0
@@ -168,6 +215,9 @@ class ScanCounts:
     eq_inf: int
     changed_a: Optional[torch.Tensor] = None
     changed_b: Optional[torch.Tensor] = None
+    #: ``(checksum of a, checksum of b)`` of the stored bytes when the pass computed them
+    #: (``scan(..., checksums=True)`` on the quick path), else None.
+    checksums: Optional[tuple] = None
 
     @property
     def bitwise_equal(self) -> int:
@@ -185,12 +235,40 @@ def _layout(dtype: torch.dtype, itemsize: int):
     return view, 0, -1, 1 << 62, False
 
 
+def _quick_with_checksums(ia: np.ndarray, ib: np.ndarray, magmask, special: int):
+    """The quick pass and both checksums in one read of the data: whole 64-bit words go
+    through :func:`_quick_words`, the elements of a last partial word through
+    :func:`_scan_quick`. Returns ``(n_diff, settled, (checksum_a, checksum_b))``."""
+    from gatesim.integrity import Checksum
+    item = ia.itemsize
+    bits = 8 * item
+    ba, bb = ia.view(np.uint8), ib.view(np.uint8)
+    nw = ba.size // 8
+    wa, wb = ba[: 8 * nw].view(np.uint64), bb[: 8 * nw].view(np.uint64)
+    block = {8: 255, 16: 32767}.get(bits, 1 << 20)
+    nd, flags, sa, sb = _quick_words(wa, wb, bits, block, (1 << (bits - 1)) - special)
+    settled = flags == 0
+    rest = (ba.size - 8 * nw) // item
+    if rest:
+        sign = -(1 << (bits - 1))
+        tnd, sign_only, big = _scan_quick(ia[-rest:], ib[-rest:], magmask, sign)
+        nd += tnd
+        settled = settled and sign_only == 0 and big < special
+    cks = (Checksum.from_word_sum(sa, nw).update(ba[8 * nw:]).hexdigest(),
+           Checksum.from_word_sum(sb, nw).update(bb[8 * nw:]).hexdigest())
+    return int(nd), settled, cks
+
+
 def scan(a: torch.Tensor, b: torch.Tensor, *, gather: bool = True,
-         out_a: Optional[np.ndarray] = None, out_b: Optional[np.ndarray] = None) -> ScanCounts:
+         out_a: Optional[np.ndarray] = None, out_b: Optional[np.ndarray] = None,
+         checksums: bool = False) -> ScanCounts:
     """The counting pass over two CPU tensors of one dtype and shape (module docstring).
 
     ``out_a``/``out_b``: optional scratch arrays of at least ``numel`` elements of the
-    integer view dtype, to gather into (avoids allocating).
+    integer view dtype, to gather into (avoids allocating). ``checksums``: with
+    ``gather=False`` on floating tensors, also compute both tensors' content checksums
+    (:mod:`gatesim.integrity`) in the same pass (:attr:`ScanCounts.checksums`; the fused
+    word pass costs no more than the plain count).
     """
     if a.dtype != b.dtype or a.shape != b.shape:
         raise ValueError(f"scan needs one dtype and shape, got {a.dtype}{tuple(a.shape)} "
@@ -200,15 +278,20 @@ def scan(a: torch.Tensor, b: torch.Tensor, *, gather: bool = True,
     ia = a.contiguous().reshape(-1).view(view).numpy()
     ib = b.contiguous().reshape(-1).view(view).numpy()
     if not gather:
+        cks = None
         if is_float:
             # the quick pass settles the common case: no NaN/inf, no +0/-0 swaps
-            sign = -(1 << (8 * a.element_size() - 1))
-            nd, sign_only, big = _scan_quick(ia, ib, magmask, sign)
             special = nan_from if inf_mag < 0 else min(inf_mag, nan_from)
-            if sign_only == 0 and big < special:
-                return ScanCounts(n, int(nd), 0, 0, 0, 0, 0, 0, 0)
+            if checksums:
+                nd, settled, cks = _quick_with_checksums(ia, ib, magmask, special)
+            else:
+                sign = -(1 << (8 * a.element_size() - 1))
+                nd, sign_only, big = _scan_quick(ia, ib, magmask, sign)
+                settled = sign_only == 0 and big < special
+            if settled:
+                return ScanCounts(n, int(nd), 0, 0, 0, 0, 0, 0, 0, checksums=cks)
         c = _scan_count(ia, ib, magmask, inf_mag, nan_from, is_float)
-        return ScanCounts(n, *(int(x) for x in c))
+        return ScanCounts(n, *(int(x) for x in c), checksums=cks)
     npv = ia.dtype
     if out_a is None or out_a.size < n or out_a.dtype != npv:
         out_a = np.empty(max(n, 1), dtype=npv)
@@ -239,13 +322,14 @@ class FastSparsity:
 def sparsity_fast(a: torch.Tensor, b: torch.Tensor, *, eta: float = gm.DEFAULT_ETA,
                   atol: float = gm.DEFAULT_ATOL[0], bitwise_only: bool = False,
                   out_a: Optional[np.ndarray] = None,
-                  out_b: Optional[np.ndarray] = None) -> FastSparsity:
+                  out_b: Optional[np.ndarray] = None, checksums: bool = False) -> FastSparsity:
     """Counts equal to :func:`gatesim.metrics.sparsity` on the whole pair (module
     docstring). ``relative_equal``, ``atol_equal`` and ``ulp_hist`` are None with
-    ``bitwise_only`` or for dtypes :mod:`gatesim.metrics` does not take."""
+    ``bitwise_only`` or for dtypes :mod:`gatesim.metrics` does not take. ``checksums``:
+    see :func:`scan` (``counts.checksums``; None where the pass could not compute them)."""
     full = not bitwise_only and a.dtype in (torch.float32, torch.bfloat16, torch.float16,
                                             torch.float8_e4m3fn, torch.float8_e5m2)
-    c = scan(a, b, gather=full, out_a=out_a, out_b=out_b)
+    c = scan(a, b, gather=full, out_a=out_a, out_b=out_b, checksums=checksums and not full)
     nan_pairs = c.eq_nan
     inf_pairs = c.eq_inf
     if not full:

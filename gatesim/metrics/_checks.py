@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from gatesim.checks import is_int, is_real  # numpy scalars are numbers, bool is not
+
 #: Storage dtypes the sparsity functions accept (their bit patterns are compared).
 _ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 SPARSITY_DTYPES = (torch.float32, torch.bfloat16, torch.float16,
@@ -58,8 +60,9 @@ def check_matrix(x, name: str, *, finite: bool = True) -> torch.Tensor:
 def check_k(k, m: int, n: int, name: str = "k", *, strict: bool = False) -> int:
     """1 <= k <= min(m, n) (``strict``: k < min(m, n), as a gap sigma_k - sigma_{k+1}
     needs a (k+1)-th singular value)."""
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = int(k)
     hi = min(m, n) - (1 if strict else 0)
     if not 1 <= k <= hi:
         raise ValueError(f"{name} must be in 1..{hi} for a {m}x{n} matrix, got {k}")
@@ -67,7 +70,7 @@ def check_k(k, m: int, n: int, name: str = "k", *, strict: bool = False) -> int:
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if not is_real(alpha):
         raise TypeError(f"{name} must be a number in (0, 1], got {type(alpha).__name__}")
     alpha = float(alpha)
     if not (0.0 < alpha <= 1.0):
@@ -76,7 +79,7 @@ def check_alpha(alpha, name: str = "alpha") -> float:
 
 
 def check_positive(x, name: str, *, allow_zero: bool = True) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if not is_real(x):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     x = float(x)
     if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):

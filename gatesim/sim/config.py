@@ -15,7 +15,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from gatesim.checks import check_fields
 from gatesim.sim.policies import DEFAULT_POLICIES, parse_policy
+from gatesim.sim.validate import spell_none
 
 __all__ = ["CellConfig", "SweepConfig", "ALGOS", "GEOMETRIES", "load_sweep", "demo_sweep",
            "mini_sweep"]
@@ -86,6 +88,7 @@ class CellConfig:
     eval_every: int = 20
 
     def __post_init__(self) -> None:
+        check_fields(self)     # seed = true, clip = "0.2", steps = 1.5 ...: refused
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "policies", tuple(self.policies))
         if self.geometry not in GEOMETRIES:
@@ -184,7 +187,9 @@ class SweepConfig:
 
 
 def load_sweep(path: Union[str, os.PathLike]) -> SweepConfig:
-    """A sweep from a JSON or TOML file (keys ``name``, ``base``, ``variants``, ``grid``)."""
+    """A sweep from a JSON or TOML file (keys ``name``, ``base``, ``variants``, ``grid``).
+    An optional field (``clip``, ``path``) set to the string ``"none"`` is None (TOML has
+    no null; :func:`gatesim.sim.validate.spell_none`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no sweep config at {p}")
@@ -198,7 +203,7 @@ def load_sweep(path: Union[str, os.PathLike]) -> SweepConfig:
     unknown = sorted(set(d) - {"name", "base", "variants", "grid"})
     if unknown:
         raise ValueError(f"{p}: unknown key(s) {', '.join(unknown)}")
-    return SweepConfig(**d)
+    return SweepConfig(**spell_none(d))     # TOML has no null: clip = "none"
 
 
 #: Gate I variants of the default sweep: RL with the KL anchor and clipping, RL without

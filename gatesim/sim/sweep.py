@@ -44,6 +44,7 @@ import numpy as np
 
 from gatesim.executor import Executor, ResultStore, make_executor
 from gatesim.sim.config import CellConfig, SweepConfig
+from gatesim.sim.validate import validate_sweep
 
 __all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs"]
 
@@ -108,12 +109,16 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
     from gatesim.sim.report import write_figures, write_table
 
     run_dir = Path(out) / sweep.name
+    inputs = validate_sweep(sweep)   # every input of every cell, before anything is written
+    ex = executor if executor is not None else make_executor(workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     mask_dir = run_dir / "masks"
     cfg_path = run_dir / "sweep.json"
-    cfg_text = json.dumps(sweep.to_dict(), indent=1, sort_keys=True)
+    # the weights' checksums too: cells stored from other bytes are never reused
+    cfg_text = json.dumps({**sweep.to_dict(), "inputs": inputs}, indent=1, sort_keys=True)
     if cfg_path.exists() and cfg_path.read_text(encoding="utf-8") != cfg_text:
-        raise ValueError(f"{run_dir} holds results of a different sweep config; use another "
+        raise ValueError(f"{run_dir} holds results of a different sweep config (or of other "
+                         "weights: sweep.json records their checksums); use another "
                          "--out or name, or delete it")
     cfg_path.write_text(cfg_text, encoding="utf-8")
     store = ResultStore(run_dir / "cells.jsonl")
@@ -130,7 +135,6 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), initial=sum(1 for k, _ in tasks if k in store),
                    desc=f"gatesim ablate {sweep.name}", unit="cell")
-    ex = executor if executor is not None else make_executor(workers)
     try:
         results = store.run(ex, _run, tasks, progress=(lambda k: bar.update(1)) if bar else None)
     finally:
