@@ -48,8 +48,9 @@ warning").
 
 **Output and resume** (``out=``): ``config.json`` (inputs' fingerprints and settings),
 ``rows.jsonl`` (a :class:`gatesim.executor.ResultStore`: each row appended and fsynced as
-soon as it is computed), ``rows.csv`` (the same rows, appended as they come, rewritten in
-checkpoint order at the end), then ``summary_module.csv``, ``summary_layer.csv``,
+soon as it is computed), ``rows.csv`` (the same rows without the wall-time columns,
+appended as they come, rewritten in checkpoint order at the end: the same bytes for any
+executor), ``timings.csv`` (per-tensor ``seconds`` and ``svd_seconds``), then ``summary_module.csv``, ``summary_layer.csv``,
 ``summary_model.csv``, the figures and ``report.md`` (:mod:`gatesim.diff.report`). A run
 that is interrupted resumes from ``rows.jsonl``: rerunning the same command computes only
 the missing rows. Rerunning with other inputs or settings on the same folder raises
@@ -87,7 +88,7 @@ from gatesim.diff.errors import ResumeError
 from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor, torch_dtype
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
 from gatesim.diff.scan import sparsity_fast
-from gatesim.executor import Executor, ResultStore, make_executor
+from gatesim.executor import Executor, ResultStore, make_executor, show_status
 
 __all__ = ["diff", "diff_tensor", "DiffOptions", "TensorTask", "DiffResult", "COLUMNS",
            "default_k", "pair_tensors", "CASTS", "SVD_METHODS"]
@@ -114,6 +115,11 @@ COLUMNS = (
     "overlap_principal_not_low_ratio", "overlap_principal_not_low_cond_baseline",
     "update_normF", "svd", "svd_seconds", "seconds", "note",
 )
+
+#: Per-tensor wall times: in the returned rows and ``rows.jsonl``, in ``timings.csv``, not
+#: in ``rows.csv`` (whose bytes are the same for any executor and worker count).
+TIMING_COLUMNS = ("svd_seconds", "seconds")
+CSV_COLUMNS = tuple(c for c in COLUMNS if c not in TIMING_COLUMNS)
 
 #: Statuses of a row.
 STATUSES = ("paired", "only_base", "only_tuned", "shape_mismatch", "dtype_mismatch")
@@ -173,6 +179,22 @@ class TensorTask:
     @property
     def nbytes(self) -> int:
         return (self.base.nbytes if self.base else 0) + (self.tuned.nbytes if self.tuned else 0)
+
+    def paths(self) -> list[str]:
+        """The files a worker reads (a cluster executor checks every node sees them)."""
+        return [r.path for r in (self.base, self.tuned) if r is not None]
+
+    def resources(self) -> dict:
+        """Peak memory of :func:`diff_tensor` on this pair, from the bounds measured in
+        ``tests/test_diff_memory.py`` (module docstring, "Memory"): 48 bytes per entry
+        with the spectral block (float64 work), 8 without, plus 64 MiB."""
+        if self.status != "paired":
+            return {"memory": 64 * 2 ** 20}
+        o, shape = self.opts, self.base.shape
+        spectral = not (o.sparsity_only or o.bitwise_only) and len(shape) == 2 \
+            and min(shape) >= 2 and (o.max_svd_numel is None
+                                     or self.base.numel <= o.max_svd_numel)
+        return {"memory": (48 if spectral else 8) * self.base.numel + 64 * 2 ** 20}
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,7 +407,7 @@ class DiffResult:
     seconds: float
 
 
-_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "summary_module.csv",
+_OUR_FILES = ("config.json", "rows.jsonl", "rows.csv", "timings.csv", "summary_module.csv",
               "summary_layer.csv", "summary_model.csv", "report.md",
               "fig_sparsity.png", "fig_ulp.png", "fig_angles.png")
 
@@ -433,21 +455,21 @@ def _prepare_out(out: Path, config: dict, overwrite: bool) -> None:
     os.replace(tmp, cfg)
 
 
-def _csv_line(row: dict) -> str:
+def _csv_line(row: dict, columns=CSV_COLUMNS) -> str:
     import csv
     import io as _io
     buf = _io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(
-        ["" if row.get(c) is None else row.get(c) for c in COLUMNS])
+        ["" if row.get(c) is None else row.get(c) for c in columns])
     return buf.getvalue()
 
 
-def _write_csv(path: Path, rows: list) -> None:
+def _write_csv(path: Path, rows: list, columns=CSV_COLUMNS) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(COLUMNS) + "\n")
+        f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(_csv_line(r))
+            f.write(_csv_line(r, columns))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -524,6 +546,7 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     ex = executor if executor is not None else make_executor(workers, threads)
     bars = _Bars(progress, len(tasks), sum(tk.nbytes for tk in tasks),
                  resumed, sum(by_key[kk].nbytes for kk in results))
+    show_status(ex, bars.t)
     csv_f = open(files["rows_csv"], "a", encoding="utf-8", newline="") if outp else None
     try:
         def done(key: str, row: dict) -> None:
@@ -550,6 +573,8 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
     summary: dict = {}
     if outp is not None:
         _write_csv(files["rows_csv"], rows)
+        files["timings_csv"] = outp / "timings.csv"
+        _write_csv(files["timings_csv"], rows, ("name",) + TIMING_COLUMNS)
     if complete:
         from gatesim.diff import report as rep
         summary = rep.summarize(df)
