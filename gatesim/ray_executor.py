@@ -59,14 +59,22 @@ def _node() -> str:
 
 
 def _ray_task(fn: Callable[[Any], Any], payload: Any, threads: int) -> Any:
-    """What one Ray task runs: the executor's task with the thread limit; a missing file
-    is reported with the node it is missing on."""
+    """What one Ray task runs: the executor's task with the thread limit. A failure with
+    one of the payload's ``paths()`` missing here, or a missing file, is reported with the
+    node it is missing on."""
     try:
         return _run_task(fn, payload, threads)
-    except FileNotFoundError as exc:
+    except Exception as exc:
         if isinstance(exc, WorkerPathError):
             raise
-        raise WorkerPathError(f"on Ray node {_node()}: {exc}; {_SHARED_FS}") from exc
+        missing = [p for p in (payload.paths() if hasattr(payload, "paths") else ())
+                   if not os.path.exists(p)]
+        if missing:
+            raise WorkerPathError(f"on Ray node {_node()}: cannot see {', '.join(missing)}; "
+                                  f"{_SHARED_FS}") from exc
+        if isinstance(exc, FileNotFoundError):
+            raise WorkerPathError(f"on Ray node {_node()}: {exc}; {_SHARED_FS}") from exc
+        raise
 
 
 def _probe(paths: Sequence[str]) -> Tuple[str, list, str]:
@@ -203,9 +211,10 @@ class RayExecutor:
                for n in nodes):
             return None
         best = {r: max((n["Resources"].get(r, 0) for n in nodes), default=0) for r in need}
+        short = [r for r, v in need.items() if v > best[r]]   # else: no single node has all
         parts = []
         for r, v in need.items():
-            if v:
+            if v and (r in short or not short):
                 show = _fmt_bytes if r == "memory" else (lambda x: f"{x:g}")
                 parts.append(f"{r} {show(v)} (largest node: {show(best[r])})")
         return "no node of the Ray cluster offers " + ", ".join(parts)
@@ -301,7 +310,8 @@ class RayExecutor:
                     pass
             pending.clear()
         if failures:
-            raise TasksFailed(failures, len(tasks))
+            order = {key: i for i, (key, _) in enumerate(tasks)}
+            raise TasksFailed(sorted(failures, key=lambda f: order[f[0]]), len(tasks))
 
 
 def _describe(exc: BaseException) -> str:
