@@ -12,7 +12,9 @@ Measured in one run, interleaved (pool, Ray, pool, Ray, ...), medians of ``--rep
   executor object in one long-lived driver: Ray's workers stay warm between calls, the
   pool is spawned per call) and *command* (``gatesim ablate`` / ``gatesim diff`` as a new
   process each time, ``--executor local --workers 2`` vs ``--executor ray:GCS`` on the
-  running 2-CPU cluster: a new Ray job starts new worker processes).
+  running 2-CPU cluster: a new Ray job starts new worker processes). The library runs
+  come first: after a command's job, the library driver's idle workers would have been
+  retired and its next call would pay their start-up again.
 * ``--paper``: the ``paper`` sweep once per executor (command setting), where
   ``gatesim.sim.config`` has ``paper_sweep``.
 
@@ -146,7 +148,10 @@ def main() -> int:
                 got = (d / "rows.csv").read_bytes()
                 ref_rows = ref_rows or got
                 assert got == ref_rows, f"rows.csv differs ({name}, library)"
-            # ---- command setting: a fresh driver process per command
+        # ---- command setting: a fresh driver process per command (after the library runs:
+        # each new driver is a new Ray job, which gets new worker processes, and on a
+        # 2-CPU cluster Ray then retires the idle workers of the jobs before it)
+        for rep in range(a.reps):
             for name, spec in (("pool", ["--executor", "local", "--workers", "2"]),
                                ("ray", ["--executor", f"ray:{gcs}"])):
                 d = tmp / f"cmd_sweep_{name}_{rep}"
@@ -213,7 +218,9 @@ def report(o: dict, a) -> str:
         for setting in ("library", "command"):
             p, r = md(o[setting][f"{work}_pool"]), md(o[setting][f"{work}_ray"])
             L.append(f"| {label} | {setting} | {p:.2f} | {r:.2f} | {r / p:.2f} |")
-    L.append("")
+    runs = "; ".join(f"{setting} {k.replace('_', ' ')} " + ", ".join(f"{x:.1f}" for x in v)
+                     for setting in ("library", "command") for k, v in o[setting].items())
+    L += ["", f"Every run (s, in order): {runs}.", ""]
     if o.get("paper"):
         p, r = o["paper"]["pool"], o["paper"]["ray"]
         L.append(f"`paper` sweep (command setting, one run each): process pool {p:.0f} s, "
