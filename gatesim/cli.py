@@ -75,8 +75,13 @@ def _print_claims(doc: dict) -> None:
 def _run_sweep(sweep, args) -> int:
     from gatesim.sim.report import gate_table
     from gatesim.sim.sweep import ablate
+    from gatesim.executor import executor_from_args
     t0 = time.perf_counter()
-    doc = ablate(sweep, args.out, workers=args.workers, progress=not args.quiet)
+    ex = executor_from_args(args)
+    try:
+        doc = ablate(sweep, args.out, executor=ex, progress=not args.quiet)
+    finally:
+        getattr(ex, "close", lambda: None)()
     print(gate_table(doc).split("## Claims")[0])
     _print_claims(doc)
     print(f"\nResults: {Path(args.out) / sweep.name} (results.json, table.md, figures/); "
@@ -145,12 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gatesim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    from gatesim.executor import add_executor_args
 
     def sweep_opts(p):
         p.add_argument("--out", default="results", help="output root (default: results)")
         p.add_argument("--workers", type=int, default=2,
                        help="worker processes (1: serial, 0: one per core; default 2)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_executor_args(p)
 
     demo = sub.add_parser("demo", help="run the bundled default gate factorial")
     sweep_opts(demo)
@@ -176,9 +183,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from gatesim.diff.cli import add_diff_parser
     add_diff_parser(sub)
     args = parser.parse_args(argv)
+    from gatesim.executor import TasksFailed
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError,
+            ConnectionError, TasksFailed) as exc:
         print(f"gatesim {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # the worker pool is already down (gatesim.executor)

@@ -5,8 +5,11 @@ Two small pieces shared by :mod:`gatesim.sim` and :mod:`gatesim.diff`:
 * An **executor** maps a module-level function over ``(key, payload)`` tasks and yields
   ``(key, result)`` as each finishes. :class:`SerialExecutor` runs in this process;
   :class:`ProcessExecutor` (the default with ``workers > 1``) uses a local process pool.
-  Anything with the same ``map`` method (a Ray or Dask wrapper, say) can be passed
-  instead: the work is a pure function of its payload, so where it runs does not matter.
+  :class:`~gatesim.ray_executor.RayExecutor` (``gatesim.executor.RayExecutor``, imported
+  on first use) runs each task as one Ray task on a cluster. Anything with the same ``map``
+  method can be passed instead: the work is a pure function of its payload, so where it
+  runs does not matter. :func:`add_executor_args` / :func:`executor_from_args` give every
+  command the same ``--executor`` option.
 * A :class:`ResultStore` appends each finished result to a JSON-lines file at once
   (flushed and fsynced), and on a rerun reports which keys are done so they are skipped.
   A killed run loses at most the items in flight; a torn last line is ignored. Opening a
@@ -35,7 +38,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequen
 
 from gatesim.checks import check_int
 
-__all__ = ["Executor", "SerialExecutor", "ProcessExecutor", "make_executor", "ResultStore"]
+__all__ = ["Executor", "SerialExecutor", "ProcessExecutor", "RayExecutor", "make_executor",
+           "ResultStore", "TasksFailed", "show_status", "add_executor_args",
+           "executor_from_args"]
 
 Task = Tuple[str, Any]
 
@@ -46,6 +51,35 @@ class Executor(Protocol):
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Task]) -> Iterator[Tuple[str, Any]]:
         """Yields ``(key, fn(payload))`` for every task, in any order."""
         ...
+
+
+class TasksFailed(RuntimeError):
+    """Some tasks raised; the others finished (and were stored). ``failures`` holds
+    ``(key, "Type: message")`` pairs, ``total`` the number of tasks run; the message lists
+    the failures, so a command line can print it as its final summary."""
+
+    def __init__(self, failures: Sequence[Tuple[str, str]], total: int):
+        self.failures = list(failures)
+        self.total = total
+        shown = "".join(f"\n  {k}: {e}" for k, e in self.failures[:20])
+        more = f"\n  ... and {len(self.failures) - 20} more" if len(self.failures) > 20 else ""
+        super().__init__(f"{len(self.failures)} of {total} tasks failed (the others are "
+                         f"stored; rerunning retries only the failed ones):{shown}{more}")
+
+
+def show_status(executor: Any, bar: Any) -> None:
+    """Puts an executor's running / failed counts on a tqdm ``bar`` (whose count is the
+    finished units), for executors that report them (``on_status``, e.g. RayExecutor)."""
+    if bar is not None and hasattr(executor, "on_status"):
+        executor.on_status = lambda running, failed: bar.set_postfix(
+            running=running, failed=failed)
+
+
+def __getattr__(name: str):
+    if name == "RayExecutor":       # imported on first use: ray is heavy
+        from gatesim.ray_executor import RayExecutor
+        return RayExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _run_task(fn: Callable[[Any], Any], payload: Any, threads: int) -> Any:
@@ -189,17 +223,48 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
             pass
 
 
-def make_executor(workers: Optional[int] = None, threads: int = 1) -> Executor:
-    """``workers`` None or 1: serial; more: a local process pool; 0: one per core.
-    Both numbers are checked here (before a caller writes anything)."""
+def make_executor(workers: Optional[int] = None, threads: int = 1,
+                  spec: Optional[str] = None) -> Executor:
+    """``workers`` None or 1: serial; more: a local process pool (0: one per core). Both
+    numbers are checked here (before a caller writes anything).
+
+    ``spec`` (the ``--executor`` option): None or ``"local"`` as above; ``"ray"``: a
+    :class:`RayExecutor` on the cluster of ``RAY_ADDRESS``, else on a local Ray instance
+    with ``workers`` CPUs (None/0: all cores); ``"ray://HOST:PORT"`` or ``"ray:HOST:PORT"``:
+    that cluster (Ray Client / GCS address)."""
     threads = check_int(threads, "threads", lo=1)
     if workers is not None:
         workers = check_int(workers, "workers", lo=0)
+    if spec not in (None, "local"):
+        if not isinstance(spec, str) or not (spec == "ray" or spec.startswith("ray:")):
+            raise ValueError(f"executor must be 'local', 'ray', 'ray://HOST:PORT' or "
+                             f"'ray:HOST:PORT', got {spec!r}")
+        from gatesim.ray_executor import RayExecutor
+        address = None if spec == "ray" else (spec if spec.startswith("ray://") else spec[4:])
+        return RayExecutor(address, threads=threads, local_cpus=workers or None)
     if workers is None or workers == 1:
         return SerialExecutor(threads)
     if workers == 0:
         workers = max(1, (os.cpu_count() or 1) // threads)
     return ProcessExecutor(workers, threads)
+
+
+def add_executor_args(parser: Any) -> None:
+    """Adds ``--executor`` to an argparse parser (``--workers`` / ``--threads`` stay the
+    command's own); read it back with :func:`executor_from_args`."""
+    parser.add_argument(
+        "--executor", default="local", metavar="SPEC",
+        help="where tasks run: local (default: serial or a process pool of --workers), "
+             "ray (the Ray cluster of RAY_ADDRESS, else a local Ray instance with "
+             "--workers CPUs), ray://HOST:PORT (a cluster's Ray Client server) or "
+             "ray:HOST:PORT (a cluster's GCS address)")
+
+
+def executor_from_args(args: Any) -> Executor:
+    """The executor an ``argparse`` namespace asks for (``executor``, ``workers`` and,
+    where present, ``threads``). Close it (``close()``, where it has one) when done."""
+    return make_executor(getattr(args, "workers", None), getattr(args, "threads", 1),
+                         getattr(args, "executor", None))
 
 
 class ResultStore:

@@ -133,3 +133,39 @@ def assert_fused_adam_equals_torch_ops(device: str, pol: dict, betas, steps: int
             if x is not None:
                 assert_same_bits(y, x, f"step {k} {name}", any_nan=True)
         assert a[5] == b[5], f"step {k} stats"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray instance with 2 CPUs for the whole session (started on first use,
+    shut down at the end), plus a Ray Client server in front of it. Yields
+    ``{"gcs": "IP:PORT", "client": "ray://127.0.0.1:PORT"}``. ``address="local"``: never
+    a cluster someone else left running on this machine."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import ray
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2 ** 20,
+             include_dashboard=False, log_to_driver=False)
+    node = ray.nodes()[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ray.util.client.server",
+         f"--address={ray.get_runtime_context().gcs_address}", "--host=127.0.0.1",
+         f"--port={port}", "--mode=proxy", f"--node-id={node['NodeID']}",
+         f"--runtime-env-agent-address=http://{node['NodeManagerAddress']}:"
+         f"{node['RuntimeEnvAgentPort']}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield {"gcs": ray.get_runtime_context().gcs_address,
+               "client": f"ray://127.0.0.1:{port}"}
+    finally:
+        try:
+            os.killpg(client.pid, signal.SIGTERM)   # the server and the servers it started
+            client.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(client.pid, signal.SIGKILL)
+        ray.shutdown()

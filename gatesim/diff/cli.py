@@ -62,6 +62,8 @@ def add_diff_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="processes (default 1; 0 = one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    from gatesim.executor import add_executor_args
+    add_executor_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard an earlier run's rows in --out instead of resuming")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -74,14 +76,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from gatesim.diff.core import diff
     from gatesim.diff.errors import DiffError
     from gatesim.diff.report import markdown_table
+    from gatesim.executor import TasksFailed, executor_from_args
+    ex = None
     try:
+        ex = executor_from_args(args)
         res = diff(args.base, args.tuned, args.out, map=args.map, k=args.k, alpha=args.alpha,
                    eta=args.eta, atol=args.atol, sparsity_only=args.sparsity_only,
                    bitwise_only=args.bitwise_only, cast=args.cast, svd=args.svd,
                    max_svd_numel=args.max_svd_numel, workers=args.workers,
-                   threads=args.threads, progress=not args.no_progress,
+                   threads=args.threads, executor=ex, progress=not args.no_progress,
                    overwrite=args.overwrite, figures=not args.no_figures)
-    except (DiffError, ValueError, TypeError) as exc:
+    except (DiffError, ValueError, TypeError, FileNotFoundError, ConnectionError,
+            TasksFailed) as exc:
         print(f"gatesim diff: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # the worker pool is already down (gatesim.executor)
@@ -89,6 +95,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 "to resume" if args.out else ""
         print(f"gatesim diff: interrupted{where}", file=sys.stderr)
         return 130
+    finally:
+        getattr(ex, "close", lambda: None)()
     cols = ["tensors", "numel", "changed", "sparsity_bitwise", "sparsity_relative",
             "sparsity_atol", "ulp_1_frac", "if_bf16_sparsity", "if_fp16_sparsity",
             "matrices", "nss_median", "angle_max_deg"]

@@ -100,7 +100,7 @@ from gatesim.diff.io import Checkpoint, TensorRef, open_checkpoint, read_tensor,
 from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
 from gatesim.diff.resume import check_out, init_out, make_config, verify_stored
 from gatesim.diff.scan import sparsity_fast
-from gatesim.executor import Executor, ResultStore, make_executor
+from gatesim.executor import Executor, ResultStore, make_executor, show_status
 
 __all__ = ["diff", "diff_tensor", "tensor_checksums", "DiffOptions", "TensorTask",
            "DiffResult", "COLUMNS", "TIMING_COLUMNS",
@@ -131,6 +131,7 @@ COLUMNS = (
 #: Per-tensor timings: not part of a row (rows are byte-reproducible; timings are not),
 #: kept in ``timings.csv`` and :attr:`DiffResult.timings`.
 TIMING_COLUMNS = ("seconds", "svd_seconds")
+
 
 #: Statuses of a row.
 STATUSES = ("paired", "only_base", "only_tuned", "shape_mismatch", "dtype_mismatch")
@@ -185,6 +186,22 @@ class TensorTask:
     @property
     def nbytes(self) -> int:
         return (self.base.nbytes if self.base else 0) + (self.tuned.nbytes if self.tuned else 0)
+
+    def paths(self) -> list[str]:
+        """The files a worker reads (a cluster executor checks every node sees them)."""
+        return [r.path for r in (self.base, self.tuned) if r is not None]
+
+    def resources(self) -> dict:
+        """Peak memory of :func:`diff_tensor` on this pair, from the bounds measured in
+        ``tests/test_diff_memory.py`` (module docstring, "Memory"): 48 bytes per entry
+        with the spectral block (float64 work), 8 without, plus 64 MiB."""
+        if self.status != "paired":
+            return {"memory": 64 * 2 ** 20}
+        o, shape = self.opts, self.base.shape
+        spectral = not (o.sparsity_only or o.bitwise_only) and len(shape) == 2 \
+            and min(shape) >= 2 and (o.max_svd_numel is None
+                                     or self.base.numel <= o.max_svd_numel)
+        return {"memory": (48 if spectral else 8) * self.base.numel + 64 * 2 ** 20}
 
 
 # ------------------------------------------------------------------------------------------
@@ -558,6 +575,7 @@ def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
         todo = todo[:limit]
     bars = _Bars(progress, len(tasks), sum(tk.nbytes for tk in tasks),
                  resumed, sum(by_key[kk].nbytes for kk in results))
+    show_status(ex, bars.t)
     csv_f = open(files["rows_csv"], "a", encoding="utf-8", newline="") if outp else None
     stream = ex.map(diff_tensor, todo)
     try:

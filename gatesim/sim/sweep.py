@@ -42,7 +42,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from gatesim.executor import Executor, ResultStore, make_executor
+from gatesim.executor import Executor, ResultStore, make_executor, show_status
 from gatesim.sim.config import CellConfig, SweepConfig
 from gatesim.sim.validate import validate_sweep
 
@@ -135,11 +135,18 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), initial=sum(1 for k, _ in tasks if k in store),
                    desc=f"gatesim ablate {sweep.name}", unit="cell")
+    show_status(ex, bar)
     try:
         results = store.run(ex, _run, tasks, progress=(lambda k: bar.update(1)) if bar else None)
     finally:
         if bar is not None:
             bar.close()
+    lost = [k for k, (_, mp) in tasks if not Path(mp).exists()]
+    if lost:  # written by workers on another filesystem (a cluster without shared --out)
+        raise FileNotFoundError(f"{len(lost)} finished cells have no mask file under "
+                                f"{mask_dir} (first: {lost[0]}); the workers wrote them "
+                                "where this machine cannot see: on a cluster, --out must be "
+                                "on a filesystem every node shares")
     cell_rows = []
     for key, _ in cells:
         r = dict(results[key])
