@@ -45,9 +45,9 @@ import numpy as np
 from gatesim.executor import Executor, ResultStore, make_executor
 from gatesim.sim.config import CellConfig, SweepConfig
 
-__all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs"]
+__all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs", "stored_policy"]
 
-RESULTS_SCHEMA = "gatesim.sim.results/1"
+RESULTS_SCHEMA = "gatesim.sim.results/2"
 
 
 def cell_id(key: str) -> str:
@@ -63,10 +63,18 @@ def _run(payload: tuple) -> dict:
 
 
 def _load_masks(path: Path) -> dict:
-    with np.load(path) as z:
-        shape = tuple(int(x) for x in z["shape"])
-        n = int(np.prod(shape))
-        return {k: np.unpackbits(z[k])[:n].astype(bool) for k in z.files if k != "shape"}
+    from gatesim.sim.analysis import load_cell_arrays
+    return load_cell_arrays(path)
+
+
+def stored_policy(cells: list[dict]) -> Optional[str]:
+    """The policy that stands for a stored checkpoint: ``bf16+master`` when the cells have
+    it (mixed-precision training saves bf16(master)), else ``bf16``, else None."""
+    pols = cells[0]["policies"] if cells else {}
+    for p in ("bf16+master", "bf16"):
+        if p in pols:
+            return p
+    return None
 
 
 def jaccard_pairs(cells: list[dict], mask_dir: Path) -> list[dict]:
@@ -141,8 +149,16 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
         r = dict(results[key])
         variant = key.split(",", 1)[0].split("=", 1)[1]
         cell_rows.append({"key": key, "variant": variant, **r})
+    from gatesim.sim.analysis import cross_frame, run_pairs
+    from gatesim.sim.regime import rlvr_reference
+    cache: dict = {}
+    stored = stored_policy(cell_rows)
     doc = {"schema": RESULTS_SCHEMA, "sweep": sweep.to_dict(), "cells": cell_rows,
-           "jaccard": jaccard_pairs(cell_rows, mask_dir)}
+           "stored_policy": stored,
+           "jaccard": jaccard_pairs(cell_rows, mask_dir),
+           "cross_frame": cross_frame(cell_rows, mask_dir, cache),
+           "run_pairs": run_pairs(cell_rows, mask_dir, stored, cache) if stored else [],
+           "rlvr_reference": rlvr_reference()}
     doc["claims"] = [c.to_dict() for c in check_claims(doc)]
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=True), encoding="utf-8")
