@@ -240,6 +240,11 @@ def rl_rotation_below_sft(doc: dict) -> Claim:
 
 # ------------------------------------------------------------ the rotation control
 
+def _arm(variant: str) -> str:
+    """``rl_kl@rotated`` -> ``rl_kl`` (the sweep's naming of an arm on another geometry)."""
+    return variant.split("@", 1)[0]
+
+
 def rotation_claims(doc: dict) -> list[Claim]:
     """(a) the rotated run's mask against the real run's, same seed, stored coordinates:
     the paper's claim; (b) cross-seed consistency within the rotated basis: a separate
@@ -247,7 +252,7 @@ def rotation_claims(doc: dict) -> list[Claim]:
     magnitudes)."""
     pol = _stored(doc)
     cf = [j for j in doc.get("cross_frame", []) if j["policy"] == pol and
-          j["variant"] == "rl_kl"]
+          _arm(j["variant"]) == "rl_kl"]
     out = []
     for geo in ("rotated", "random"):
         rows = sorted((j for j in cf if j["geometry"] == geo), key=lambda j: j["seed"])
@@ -261,8 +266,8 @@ def rotation_claims(doc: dict) -> list[Claim]:
         out.append(make_claim(name, stmt, [j["ratio"] for j in rows], RANDOM_MARGIN, "below",
                               1.0, detail, f"needs rl_kl cells on the real and {geo} "
                                            "geometries"))
-    pairs = [j for j in doc.get("jaccard", []) if j["policy"] == pol and j["variant"] == "rl_kl"
-             and j["geometry"] == "rotated"]
+    pairs = [j for j in doc.get("jaccard", []) if j["policy"] == pol
+             and _arm(j["variant"]) == "rl_kl" and j["geometry"] == "rotated"]
     ratios = [j["value"] / j["baseline"] if j["baseline"] else None for j in pairs]
     detail = (f"J {_fmt(_mean(j['value'] for j in pairs))} vs baseline "
               f"{_fmt(_mean(j['baseline'] for j in pairs))}; {len(pairs)} seed pairs "

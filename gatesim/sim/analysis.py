@@ -15,7 +15,7 @@ Families, always on the same seed (``geometry`` real unless said):
 * ``beta``: cells equal to ``rl_kl`` except ``beta`` (the beta sweep; ``beta`` 0 is
   ``rl_nokl``).
 * ``lr``: cells equal to ``rl_nokl`` or ``sft`` except ``lr`` (the Gate III response).
-* ``recipes``: cells equal to ``rl_nokl`` except ``algo``, ``clip``, ``inner_steps``;
+* ``recipes``: RL cells equal to ``rl_nokl`` except ``algo``, ``clip``, ``inner_steps``;
   ``datasets``: equal to ``rl_nokl`` except ``dataset``. Their union, per seed, is the
   run-pair matrix of :func:`run_pairs`.
 """
@@ -149,7 +149,8 @@ def run_pairs(cells: list[dict], mask_dir: Path, policy: str,
     dat = family(cells, "rl_nokl", ("dataset",))
     out = []
     for seed in sorted(rec):
-        members = list(rec[seed]) + [c for c in dat.get(seed, [])[1:]]
+        members = [c for c in rec[seed] if c["config"]["algo"] != "sft"]
+        members += [c for c in dat.get(seed, [])[1:]]
         if len(members) < 2:
             continue
         anchor_cfg = members[0]["config"]

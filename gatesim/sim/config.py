@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 from gatesim.sim.policies import DEFAULT_POLICIES, parse_policy
 
 __all__ = ["CellConfig", "SweepConfig", "ALGOS", "GEOMETRIES", "DATASETS", "load_sweep",
-           "demo_sweep", "paper_sweep", "mini_sweep", "DEMO_VARIANTS"]
+           "demo_sweep", "paper_sweep", "mini_sweep", "DEMO_VARIANTS", "bundled_sweeps"]
 
 ALGOS = ("grpo", "reinforce", "sft")
 GEOMETRIES = ("real", "rotated", "random")
@@ -198,6 +198,12 @@ class SweepConfig:
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "variants": self.variants,
                 "grid": self.grid}
+
+
+def bundled_sweeps() -> dict:
+    """Name -> path of the sweep files shipped in ``gatesim/sim/sweeps/``."""
+    d = Path(__file__).parent / "sweeps"
+    return {p.stem: p for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
 def load_sweep(path: Union[str, os.PathLike]) -> SweepConfig:
