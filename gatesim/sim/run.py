@@ -29,8 +29,9 @@ low-magnitude overlap is what rounding alone (ULP grows with |w|) produces.
 
 Gate III regime numbers (``step_ratio``, ``acc_ratio``): the per-step update ``|u|`` and
 the accumulated fp32 update ``|acc|`` relative to the bf16 spacing ``ulp_bf16(w0)`` of the
-initial weight they hit, as quantiles over all non-zero (entry, step) pairs, from a
-histogram of log2 ratios with 1/16-octave bins.
+initial weight they hit, as quantiles over the non-zero (entry, step) pairs of every
+``STEP_RATIO_EVERY``-th optimizer step (a sample: the histogram costs as much as two policy
+replays), from a histogram of log2 ratios with 1/16-octave bins.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ __all__ = ["run_cell", "policy_metrics", "ratio_quantiles", "RATIO_LOG2_RANGE",
 RATIO_LOG2_RANGE = (-40.0, 12.0)
 _RATIO_BINS = int((RATIO_LOG2_RANGE[1] - RATIO_LOG2_RANGE[0]) * 16)
 QUANTILES = (0.1, 0.5, 0.9)
+#: the per-step ratio histogram samples every this-many-th optimizer step
+STEP_RATIO_EVERY = 4
 
 
 def _log2_hist(r: torch.Tensor) -> torch.Tensor:
@@ -219,7 +222,8 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
                 delta.mul_(cfg.step_norm / nrm)
         step_norms.append(float(delta.norm()) * abs(alpha))
         acc.add_(delta.double(), alpha=alpha)
-        step_hist.add_(_log2_hist(delta.abs() * (abs(alpha) * inv_ulp0)))
+        if step % STEP_RATIO_EVERY == 0:
+            step_hist.add_(_log2_hist(delta.abs() * (abs(alpha) * inv_ulp0)))
         if writer is not None:
             writer.add(delta, alpha, decay, step)
         for s in shadows:
