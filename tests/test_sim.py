@@ -172,7 +172,9 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="non-empty list"):
         load_sweep(bad)
     # a results directory of another sweep is not silently mixed
-    ablate(mini_sweep("same"), tmp_path, workers=1, progress=False, figures=False)
+    one_cell = SweepConfig(name="same", base=dict(mini_sweep().base, steps=2),
+                           grid={"seed": [0]})
+    ablate(one_cell, tmp_path, workers=1, progress=False, figures=False)
     other = SweepConfig(name="same", base=dict(mini_sweep().base, steps=3))
     with pytest.raises(ValueError, match="different sweep config"):
         ablate(other, tmp_path, workers=1, progress=False, figures=False)

@@ -413,8 +413,11 @@ def write_figures(doc: dict, directory: Union[str, os.PathLike]) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
         for ax, M, title, cmap in ((axes[0], J, f"Jaccard / baseline ({sp})", "viridis"),
                                    (axes[1], C, "cosine of accumulated fp32 ΔW", "coolwarm")):
-            im = ax.imshow(M, cmap=cmap, vmin=(None if cmap == "viridis" else -1),
-                           vmax=(None if cmap == "viridis" else 1))
+            if cmap == "viridis":  # chance is 1: a fixed scale, so noise does not shout
+                lim = (1.0, max(1.5, float(np.nanmax(M)) if np.isfinite(M).any() else 1.5))
+            else:
+                lim = (-1.0, 1.0)
+            im = ax.imshow(M, cmap=cmap, vmin=lim[0], vmax=lim[1])
             ax.set_xticks(range(n), labels, rotation=40, ha="right", fontsize=7)
             ax.set_yticks(range(n), labels, fontsize=7)
             for a in range(n):

@@ -6,29 +6,44 @@ Output directory ``<out>/<sweep name>/``:
 * ``cells.jsonl``: one line per finished cell (:class:`gatesim.executor.ResultStore`); a
   rerun skips the cells already there, so a killed sweep loses only the cells in flight.
 * ``masks/<cell id>.npz``: each policy's update mask (packed bits) for the Jaccard pairs.
-* ``results.json`` (schema ``gatesim.sim.results/1``)::
+* ``results.json`` (schema ``gatesim.sim.results/2``)::
 
-      {"schema": "gatesim.sim.results/1",
+      {"schema": "gatesim.sim.results/2",
        "sweep": {name, base, variants, grid},
+       "stored_policy": "bf16+master" (or "bf16"),
        "cells": [{"key", "variant", "config": CellConfig fields,
                   "trajectory": {"step", "reward", "kl", "angle_left_max_deg"},
                   "true_update_density",  # fraction with a non-zero accumulated fp32 update
-                  "mean_step_norm",
+                  "mean_step_norm", "update_norm",  # ||accumulated fp32 update||_F
+                  "step_ratio", "nominal_step_ratio": {p10, p50, p90},  # |u|/ulp_bf16(w0)
+                  "acc_ratio": {p10, p50, p90, below_half},  # |acc|/ulp_bf16(w0)
                   "policies": {policy: {bitwise_sparsity, relative_sparsity, atol_sparsity,
                                update_density, absorbed_fraction, absorbed_updates,
                                nonzero_updates, absorbed_mass, hist (34 bins of
-                               log2(|u|/ulp), gatesim.update.HIST_EDGES_LOG2), nss,
+                               log2(|u|/ulp), gatesim.update.HIST_EDGES_LOG2),
+                               step_ratio_own_ulp {p10, p50, p90}, nss,
                                angle_left_max_deg, angle_right_max_deg (k = config k),
                                energy_topk, energy_baseline, sv_drift, principal_overlap,
                                low_overlap, principal_overlap_excl_low, overlap_baseline,
                                overlap_excl_low_baseline}},
+                  "null": {policy: the same fields, for the precision-only null},
                   "final_weights_sha": {policy: sha256 prefix of the final fp32 bits}}],
        "jaccard": [{"variant", "geometry", "policy", "seeds": [a, b], "value", "baseline",
-                    "p", "q"}],
-       "claims": [{"name", "statement", "statistic", "baseline", "verdict", "detail"}]}
+                    "p", "q"}],                      # cross-seed, same config
+       "cross_frame": [{"variant", "geometry", "policy", "seed", "value", "baseline", "p",
+                        "q", "ratio"}],              # non-real cell vs its real twin
+       "run_pairs": [{"seed", "kind": "recipe"|"dataset", "policy", "a", "b",
+                      "jaccard": {value, baseline, p, q, ratio}, "cosine",
+                      "cosine_baseline", "cosine_baseline_sd"}],
+       "rlvr_reference": {"model", "weights", "bound", "lrs": {lr: {p10, p50, p90}}},
+       "claims": [{"name", "statement", "statistic", "lo", "hi", "n", "threshold", "side",
+                   "baseline", "verdict", "detail", "per_seed"}]}
 
   Cells are in sweep order and the file holds no timings, so the same sweep gives the same
-  bytes for any number of workers.
+  bytes for any number of workers. Families of cells (beta sweep, lr sweep, recipes,
+  datasets, geometry twins) are found by config: :mod:`gatesim.sim.analysis`.
+* ``masks/<cell id>.npz`` also holds the null's masks (``null:<policy>``) and the
+  accumulated fp32 update (``accumulated_update``) for the run-pair cosines.
 * ``table.md``: the gate table and the claim verdicts. ``figures/*.png``.
 """
 from __future__ import annotations
