@@ -131,8 +131,8 @@ def gate_table(doc: dict) -> str:
         L.append("| " + " | ".join(row) + " |")
 
     L += ["", "## Gate III: bitwise sparsity of the stored weights, by precision policy", "",
-          "| variant | geometry | true density | " + " | ".join(pols) + " | null " +
-          " | null ".join(cells[0].get("null", {})) + " |",
+          "| variant | geometry | true density | " +
+          " | ".join(pols + [f"null {p}" for p in cells[0].get("null", {})]) + " |",
           "|---|---|---|" + "---|" * (len(pols) + len(cells[0].get("null", {})))]
     for v, cs in groups.items():
         row = [v, cs[0]["config"]["geometry"], _pm((c["true_update_density"] for c in cs), ".4f")]
