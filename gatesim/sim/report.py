@@ -72,8 +72,8 @@ def regime_line(doc: dict) -> str:
     ref = doc.get("rlvr_reference", {}).get("lrs", {})
     reftxt = ", ".join(f"lr {lr}: p50 {q['p50']:.3g} (p10 {q['p10']:.3g}, p90 {q['p90']:.3g})"
                        for lr, q in ref.items())
-    return (f"Regime: AdamW lr {base['lr']:g}, {base['steps']} steps, {base['rows']} x 384 "
-            f"MiniLM rows, {base['n_contexts']} contexts; " + "; ".join(parts) +
+    return (f"Regime: AdamW lr {base['lr']:g}, {base['steps']} steps, {base['rows']} rows of "
+            f"{base['matrix']}, {base['n_contexts']} contexts; " + "; ".join(parts) +
             f". Typical RLVR (upper estimate lr/ulp_bf16(w) over MiniLM's weights): {reftxt}.")
 
 
