@@ -169,9 +169,26 @@ def gate_table(doc: dict) -> str:
                                             "bitwise_sparsity") for c in cs), ".4f"),
                                         _ci((c["policies"][sp]["bitwise_sparsity"] for c in cs),
                                             ".4f")]) + " |")
-        L += ["", "Explicit penalty vs implicit leash: rl_nokl (no penalty, no clipping: only "
-              "on-policy sampling), rl_clip (PPO-style clipping, batch reused), rl_kl "
-              "(penalty only) and sft, in the regime table above (KL end, update norm)."]
+    from gatesim.sim.analysis import anchor_cells
+    leash = [(v, list(anchor_cells(cells, v).values())) for v in ("rl_kl", "rl_nokl",
+                                                                   "rl_clip", "sft")]
+    leash = [(v, cs) for v, cs in leash if cs]
+    if leash:
+        L += ["", "### Explicit penalty vs implicit leash", "",
+              "rl_kl: penalty only; rl_nokl: neither penalty nor clipping (only on-policy "
+              "sampling); rl_clip: PPO-style clipping with the batch reused, no penalty; sft: "
+              "no sampling at all. KL per unit of reward gained says how far each moved from "
+              "the reference for what it learned.", "",
+              "| arm | beta | clip | inner steps | KL end | reward gain | KL / reward gain | "
+              "update norm |", "|---|---|---|---|---|---|---|---|"]
+        for v, cs in leash:
+            cf = cs[0]["config"]
+            gain = [c["trajectory"]["reward"][-1] - c["trajectory"]["reward"][0] for c in cs]
+            L.append("| " + " | ".join([
+                v, f"{cf['beta']:g}", str(cf["clip"]), str(cf["inner_steps"]),
+                _ci((c["trajectory"]["kl"][-1] for c in cs), ".3g"), _ci(gain, ".3f"),
+                _ci((c["trajectory"]["kl"][-1] / g for c, g in zip(cs, gain) if g > 0), ".3g"),
+                _ci((c["update_norm"] for c in cs), ".3g")]) + " |")
 
     jac = {}
     for j in doc.get("jaccard", []):
