@@ -1,7 +1,8 @@
 """Command line.
 
   gatesim demo                       the bundled default gate factorial (about 5 min, 2 cores)
-  gatesim ablate CONFIG [--out DIR]  a sweep from a JSON/TOML config (resumes)
+  gatesim ablate CONFIG [--out DIR]  a sweep from a JSON/TOML config, or a bundled one by
+                                     name (`paper`: the full design, 5 seeds); resumes
   gatesim run [--config CELL.json] --record DIR   one cell, recording its update stream
   gatesim replay STREAM --policy P [--policy P2 ...]   a recorded stream through policies
   gatesim diff BASE TUNED [--out DIR] a base/tuned checkpoint pair, per tensor (resumes)
@@ -65,15 +66,28 @@ def cmd_absorbed(args: argparse.Namespace) -> int:
 
 
 def _print_claims(doc: dict) -> None:
-    print("Claims (statistic vs baseline -> verdict):")
-    for c in doc["claims"]:
-        st = "-" if c["statistic"] is None else f"{c['statistic']:.4g}"
-        bs = "-" if c["baseline"] is None else f"{c['baseline']:.4g}"
-        print(f"  {c['name']}: {st} vs {bs} -> {c['verdict'].upper()}  ({c['detail']})")
+    from gatesim.sim.report import claims_text
+    print("Claims (mean [95% interval across seeds] vs the fixed threshold -> verdict):")
+    print(claims_text(doc))
+
+
+def _gate_summary(doc: dict) -> str:
+    """The gate table without the long per-policy and per-pair sections."""
+    from gatesim.sim.report import gate_table
+    keep, skip = [], False
+    for line in gate_table(doc).split("## Claims")[0].splitlines():
+        if line.startswith("Per-step |u|/ulp of each policy") or \
+                line.startswith("## Consistency"):
+            skip = True
+        elif line.startswith("## ") or line.startswith("### "):
+            skip = False
+        if not skip:
+            keep.append(line)
+    return "\n".join(keep)
 
 
 def _run_sweep(sweep, args) -> int:
-    from gatesim.sim.report import gate_table
+    from gatesim.sim.report import regime_line
     from gatesim.sim.sweep import ablate
     from gatesim.executor import executor_from_args
     t0 = time.perf_counter()
@@ -82,7 +96,8 @@ def _run_sweep(sweep, args) -> int:
         doc = ablate(sweep, args.out, executor=ex, progress=not args.quiet)
     finally:
         getattr(ex, "close", lambda: None)()
-    print(gate_table(doc).split("## Claims")[0])
+    print(_gate_summary(doc))
+    print(regime_line(doc) + "\n")
     _print_claims(doc)
     print(f"\nResults: {Path(args.out) / sweep.name} (results.json, table.md, figures/); "
           f"{time.perf_counter() - t0:.0f} s.")
@@ -97,8 +112,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from gatesim.sim.config import load_sweep
-    return _run_sweep(load_sweep(args.config), args)
+    from gatesim.sim.config import bundled_sweeps, load_sweep
+    bundled = bundled_sweeps()
+    path = Path(args.config)
+    if not path.exists() and args.config in bundled:
+        path = bundled[args.config]
+    return _run_sweep(load_sweep(path), args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -162,8 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = sub.add_parser("demo", help="run the bundled default gate factorial")
     sweep_opts(demo)
     demo.set_defaults(func=cmd_demo)
-    ab = sub.add_parser("ablate", help="run a sweep config (JSON or TOML); resumes")
-    ab.add_argument("config")
+    ab = sub.add_parser("ablate", help="run a sweep config (JSON or TOML, or a bundled "
+                                       "name: paper); resumes")
+    ab.add_argument("config", help="a sweep file, or the name of a bundled one (paper)")
     sweep_opts(ab)
     ab.set_defaults(func=cmd_ablate)
     run = sub.add_parser("run", help="run one cell and optionally record its update stream")

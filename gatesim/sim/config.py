@@ -19,11 +19,14 @@ from gatesim.checks import check_fields
 from gatesim.sim.policies import DEFAULT_POLICIES, parse_policy
 from gatesim.sim.validate import spell_none
 
-__all__ = ["CellConfig", "SweepConfig", "ALGOS", "GEOMETRIES", "load_sweep", "demo_sweep",
-           "mini_sweep"]
+__all__ = ["CellConfig", "SweepConfig", "ALGOS", "GEOMETRIES", "DATASETS", "load_sweep",
+           "demo_sweep", "paper_sweep", "mini_sweep", "DEMO_VARIANTS", "bundled_sweeps"]
 
 ALGOS = ("grpo", "reinforce", "sft")
 GEOMETRIES = ("real", "rotated", "random")
+#: Task distributions ("datasets", see :mod:`gatesim.sim.task`): context distribution and
+#: target function differ between them.
+DATASETS = ("gauss_random", "aniso_teacher", "embed_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +34,16 @@ class CellConfig:
     """One simulation run.
 
     Task (see :mod:`gatesim.sim.task`): the policy's logits are ``W h`` for context vectors
-    ``h`` (``n_contexts`` of them, N(0, I), fixed by ``task_seed``); each context has
+    ``h`` (``n_contexts`` of them, fixed by ``task_seed`` and ``dataset``); each context has
     ``n_targets`` target outputs (a fixed function of the context, drawn with
     ``task_seed``); reward 1 if the sampled output is a target.
 
     Attributes:
         matrix / path / rows / row_offset: the weight matrix: tensor ``matrix`` of the
             safetensors file ``path`` (None: the bundled MiniLM), rows
-            ``row_offset .. row_offset + rows - 1`` (default: 512 rows from 1996, BERT's
+            ``row_offset .. row_offset + rows - 1`` (default: 256 rows from 1996, BERT's
             most frequent whole words; rows below 999 are [unused] placeholders).
+        dataset: one of :data:`DATASETS`, the context distribution and target function.
         geometry: ``real`` (the matrix), ``rotated`` (``W R`` with a random orthogonal R,
             contexts ``R^T h``: the same policy in another coordinate basis) or ``random``
             (Gaussian, same shape and Frobenius norm).
@@ -55,17 +59,21 @@ class CellConfig:
             :mod:`gatesim.sim.policies`).
         policies: Gate III policies the run's update stream is replayed through, in
             lockstep (each keeps its own weights).
+        null_policies: policies the precision-only null stream is replayed through (the
+            run's own per-step updates with their entries moved by one fixed random
+            permutation and sign pattern; see :mod:`gatesim.sim.run`); empty: no null.
         k, alpha: rank of the principal subspaces/angles and mask fraction of the metrics.
         eval_every: steps between trajectory points (reward, KL, principal angle).
     """
 
     matrix: str = "embeddings.word_embeddings.weight"
     path: Optional[str] = None
-    rows: int = 512
+    rows: int = 256
     row_offset: int = 1996
     geometry: str = "real"
-    n_contexts: int = 256
-    n_targets: int = 16
+    dataset: str = "gauss_random"
+    n_contexts: int = 64
+    n_targets: int = 8
     task_seed: int = 0
     algo: str = "grpo"
     beta: float = 0.05
@@ -73,26 +81,30 @@ class CellConfig:
     inner_steps: int = 1
     group: int = 8
     batch: int = 32
-    steps: int = 200
+    steps: int = 400
     norm_matched: bool = False
-    step_norm: float = 1e-3
-    lr: float = 1e-5
+    step_norm: float = 1e-2
+    lr: float = 1e-4
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     train_policy: str = "fp32"
     policies: tuple = DEFAULT_POLICIES
+    null_policies: tuple = ("bf16", "bf16+master")
     seed: int = 0
     k: int = 16
     alpha: float = 0.05
-    eval_every: int = 20
+    eval_every: int = 50
 
     def __post_init__(self) -> None:
         check_fields(self)     # seed = true, clip = "0.2", steps = 1.5 ...: refused
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "policies", tuple(self.policies))
+        object.__setattr__(self, "null_policies", tuple(self.null_policies))
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         for name in ("rows", "n_contexts", "n_targets", "group", "batch", "steps",
@@ -123,6 +135,10 @@ class CellConfig:
             raise ValueError(f"policies has duplicates: {self.policies}")
         for p in self.policies:
             parse_policy(p)
+        if len(set(self.null_policies)) != len(self.null_policies):
+            raise ValueError(f"null_policies has duplicates: {self.null_policies}")
+        for p in self.null_policies:
+            parse_policy(p)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
 
@@ -130,6 +146,7 @@ class CellConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["policies"] = list(self.policies)
+        d["null_policies"] = list(self.null_policies)
         return d
 
     @classmethod
@@ -186,6 +203,12 @@ class SweepConfig:
                 "grid": self.grid}
 
 
+def bundled_sweeps() -> dict:
+    """Name -> path of the sweep files shipped in ``gatesim/sim/sweeps/``."""
+    d = Path(__file__).parent / "sweeps"
+    return {p.stem: p for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+
 def load_sweep(path: Union[str, os.PathLike]) -> SweepConfig:
     """A sweep from a JSON or TOML file (keys ``name``, ``base``, ``variants``, ``grid``).
     An optional field (``clip``, ``path``) set to the string ``"none"`` is None (TOML has
@@ -206,31 +229,83 @@ def load_sweep(path: Union[str, os.PathLike]) -> SweepConfig:
     return SweepConfig(**spell_none(d))     # TOML has no null: clip = "none"
 
 
-#: Gate I variants of the default sweep: RL with the KL anchor and clipping, RL without
-#: either, SFT; and RL / SFT with per-step update norms matched.
+#: The arms of the default sweep (the anchors of :mod:`gatesim.sim.analysis` are rl_kl,
+#: rl_nokl and sft): RL with the explicit KL penalty only (beta 1: the smallest beta of the
+#: sweep 0, 0.01, 0.05, 0.2, 1 at which the anchor binds, see README), RL with neither
+#: penalty nor clipping (only the implicit leash of on-policy sampling), RL with PPO-style
+#: clipping and batch reuse (the implicit leash of clipping), SFT.
 DEMO_VARIANTS = {
-    "rl_kl": {"algo": "grpo", "beta": 0.05, "clip": 0.2},
+    "rl_kl": {"algo": "grpo", "beta": 1.0, "clip": None},
     "rl_nokl": {"algo": "grpo", "beta": 0.0, "clip": None},
+    "rl_clip": {"algo": "grpo", "beta": 0.0, "clip": 0.2, "inner_steps": 2},
     "sft": {"algo": "sft", "beta": 0.0, "clip": None},
-    "rl_kl_matched": {"algo": "grpo", "beta": 0.05, "clip": 0.2, "norm_matched": True},
-    "sft_matched": {"algo": "sft", "beta": 0.0, "clip": None, "norm_matched": True},
 }
 
 
-def demo_sweep() -> SweepConfig:
-    """The bundled default (``gatesim demo``): 5 Gate I variants x 3 Gate II geometries x
-    2 seeds = 30 cells of 150 steps on 512 MiniLM word-embedding rows, each replayed
-    through the 7 Gate III policies."""
-    return SweepConfig(name="demo", base={"steps": 150, "eval_every": 25},
-                       variants=DEMO_VARIANTS,
-                       grid={"geometry": list(GEOMETRIES), "seed": [0, 1]})
+def _variants(main: dict, geometries: dict, extra: dict) -> dict:
+    """Variants: the main arms, ``<arm>@<geometry>`` for the listed geometries, and
+    ``extra`` (name -> (arm, overrides))."""
+    out = {name: dict(v) for name, v in main.items()}
+    for name, geos in geometries.items():
+        for g in geos:
+            out[f"{name}@{g}"] = dict(main[name], geometry=g)
+    for name, (arm, over) in extra.items():
+        out[name] = dict(main[arm], **over)
+    return out
+
+
+#: policies of the demo (the paper sweep adds fp16 and the stochastic-rounding master)
+DEMO_POLICIES = ["fp32", "bf16", "bf16_sr", "bf16+master"]
+
+
+def demo_sweep(seeds: tuple = (0, 1, 2)) -> SweepConfig:
+    """The bundled default (``gatesim demo``), 3 seeds, under 5 minutes on 2 cores:
+    the four arms on the real weights, rl_kl also on the rotated geometry, two more
+    datasets (data consistency; rl_clip against rl_nokl: a recipe pair), and lr 1e-6 for
+    RL and SFT (with the default 1e-4: the Gate III response over two
+    decades; rl_kl and rl_nokl give the beta sweep's ends, 1 and 0). ``gatesim ablate
+    paper`` runs the full design with 5 seeds."""
+    extra = {"rl_aniso_teacher": ("rl_nokl", {"dataset": "aniso_teacher"}),
+             "rl_embed_teacher": ("rl_nokl", {"dataset": "embed_teacher"}),
+             "rl_lr1e-6": ("rl_nokl", {"lr": 1e-6}),
+             "sft_lr1e-6": ("sft", {"lr": 1e-6})}
+    return SweepConfig(name="demo", base={"policies": DEMO_POLICIES,
+                                          "null_policies": ["bf16+master"]},
+                       variants=_variants(DEMO_VARIANTS, {"rl_kl": ("rotated",)}, extra),
+                       grid={"seed": list(seeds)})
+
+
+def paper_sweep(seeds: tuple = (0, 1, 2, 3, 4)) -> SweepConfig:
+    """``gatesim ablate paper``: every item of the design with 5 seeds (the bundled
+    ``gatesim/sim/sweeps/paper.json`` is this config)."""
+    extra = {"rl_kl_matched": ("rl_kl", {"norm_matched": True}),  # step_norm 1e-2: between
+             # rl_kl's (0.009) and sft's (0.011) own mean per-step norms
+             "sft_matched": ("sft", {"norm_matched": True}),
+             "reinforce": ("rl_nokl", {"algo": "reinforce"}),
+             "rl_aniso_teacher": ("rl_nokl", {"dataset": "aniso_teacher"}),
+             "rl_embed_teacher": ("rl_nokl", {"dataset": "embed_teacher"})}
+    for b in (0.01, 0.05, 0.2):
+        extra[f"rl_beta{b:g}"] = ("rl_kl", {"beta": b})
+    for lr in (1e-6, 1e-5, 1e-3):
+        extra[f"rl_lr{lr:g}"] = ("rl_nokl", {"lr": lr})
+        extra[f"sft_lr{lr:g}"] = ("sft", {"lr": lr})
+    return SweepConfig(name="paper",
+                       base={"policies": ["fp32", "bf16", "bf16_sr", "fp16", "bf16+master"],
+                             "null_policies": ["bf16", "bf16+master"]},
+                       variants=_variants(DEMO_VARIANTS, {"rl_kl": ("rotated", "random")},
+                                          extra),
+                       grid={"seed": list(seeds)})
 
 
 def mini_sweep(name: str = "mini") -> SweepConfig:
-    """A seconds-long sweep for tests and CI: 2 variants x 2 geometries x 2 seeds."""
-    return SweepConfig(name=name,
-                       base={"rows": 96, "n_contexts": 32, "n_targets": 4, "batch": 8,
-                             "group": 4, "steps": 12, "eval_every": 6, "k": 4,
-                             "policies": ["fp32", "bf16", "bf16_sr", "bf16+master"]},
-                       variants={"rl_kl": DEMO_VARIANTS["rl_kl"], "sft": DEMO_VARIANTS["sft"]},
-                       grid={"geometry": ["real", "rotated"], "seed": [0, 1]})
+    """A seconds-long sweep for tests and CI: the anchors rl_kl, rl_nokl, sft, a rotated
+    rl_kl and REINFORCE, 2 seeds, on a 96 x 384 slice."""
+    small = {"rows": 96, "n_contexts": 16, "n_targets": 4, "batch": 8, "group": 4,
+             "steps": 12, "eval_every": 6, "k": 4,
+             "policies": ["fp32", "bf16", "bf16_sr", "bf16+master"],
+             "null_policies": ["bf16+master"]}
+    main = {k: DEMO_VARIANTS[k] for k in ("rl_kl", "rl_nokl", "sft")}
+    return SweepConfig(name=name, base=small,
+                       variants=_variants(main, {"rl_kl": ("rotated",)},
+                                          {"reinforce": ("rl_nokl", {"algo": "reinforce"})}),
+                       grid={"seed": [0, 1]})

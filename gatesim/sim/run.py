@@ -18,6 +18,20 @@ Per step (``inner_steps`` optimizer steps per batch):
 * The emulated AdamW (:mod:`gatesim.optim`) under ``train_policy`` applies the step; its
   update hook rescales the update to norm ``step_norm`` (``norm_matched``), records it
   (update streams) and applies it to every policy's shadow weights.
+
+The precision-only null (``null_policies``): the same per-step updates with their entries
+moved by one fixed random permutation ``pi`` and sign pattern ``s`` (drawn from the seed),
+``delta_null = s * delta[pi]``, replayed through the same storage policies. Every step keeps
+its exact multiset of |update| values and every entry keeps its temporal consistency (the
+accumulated null update is ``s * acc[pi]``), so the null differs from the run only in
+*where* the updates land relative to the weights: what it shows about principal or
+low-magnitude overlap is what rounding alone (ULP grows with |w|) produces.
+
+Gate III regime numbers (``step_ratio``, ``acc_ratio``): the per-step update ``|u|`` and
+the accumulated fp32 update ``|acc|`` relative to the bf16 spacing ``ulp_bf16(w0)`` of the
+initial weight they hit, as quantiles over the non-zero (entry, step) pairs of every
+``STEP_RATIO_EVERY``-th optimizer step (a sample: the histogram costs as much as two policy
+replays), from a histogram of log2 ratios with 1/16-octave bins.
 """
 from __future__ import annotations
 
@@ -29,13 +43,72 @@ import numpy as np
 import torch
 
 from gatesim import metrics as gm
+from gatesim.formats import BF16
 from gatesim.optim import EmulatedAdamW
+from gatesim.precision import ulp
 from gatesim.sim.config import CellConfig
 from gatesim.sim.policies import ShadowWeights, parse_policy
 from gatesim.sim.stream import StreamWriter
 from gatesim.sim.task import Task
 
-__all__ = ["run_cell", "policy_metrics"]
+#: keys of the cell's ``.npz`` file besides policy masks: the accumulated fp32 update and
+#: the null's masks (prefix + policy)
+DELTA_KEY = "accumulated_update"
+NULL_PREFIX = "null:"
+
+__all__ = ["run_cell", "policy_metrics", "ratio_quantiles", "RATIO_LOG2_RANGE",
+           "hist_quantiles"]
+
+#: log2 range and bins of the |u| / ulp_bf16(w0) histograms (1/16 octave)
+RATIO_LOG2_RANGE = (-40.0, 12.0)
+_RATIO_BINS = int((RATIO_LOG2_RANGE[1] - RATIO_LOG2_RANGE[0]) * 16)
+QUANTILES = (0.1, 0.5, 0.9)
+#: the per-step ratio histogram samples every this-many-th optimizer step
+STEP_RATIO_EVERY = 4
+
+
+def _log2_hist(r: torch.Tensor) -> torch.Tensor:
+    """Histogram (float64 counts) of log2 of the non-zero finite entries of ``r``, clamped
+    into :data:`RATIO_LOG2_RANGE`."""
+    r = r[(r > 0) & torch.isfinite(r)]
+    lo, hi = RATIO_LOG2_RANGE
+    x = torch.log2(r.float()).clamp(lo, hi - 1e-3)
+    return torch.histc(x, bins=_RATIO_BINS, min=lo, max=hi).double()  # exact below 2**24
+
+
+def hist_quantiles(counts, edges_log2, qs=QUANTILES) -> dict:
+    """Quantiles (as ratios, not log2) of a log2 histogram with bin ``i`` covering
+    ``[edges_log2[i], edges_log2[i+1])``, linear within a bin in log2; None if empty."""
+    c = np.asarray(counts, dtype=np.float64)
+    tot = c.sum()
+    out = {}
+    cum = np.concatenate([[0.0], np.cumsum(c)])
+    for q in qs:
+        key = f"p{int(round(q * 100))}"
+        if tot <= 0:
+            out[key] = None
+            continue
+        target = q * tot
+        i = int(np.searchsorted(cum, target, side="left")) - 1
+        i = min(max(i, 0), len(c) - 1)
+        frac = (target - cum[i]) / c[i] if c[i] > 0 else 0.0
+        out[key] = float(2.0 ** (edges_log2[i] + frac * (edges_log2[i + 1] - edges_log2[i])))
+    return out
+
+
+def ratio_quantiles(counts) -> dict:
+    """p10/p50/p90 of a :func:`_log2_hist` histogram."""
+    lo, hi = RATIO_LOG2_RANGE
+    edges = np.linspace(lo, hi, _RATIO_BINS + 1)
+    return hist_quantiles(counts, edges)
+
+
+def _policy_hist_quantiles(hist) -> dict:
+    """p10/p50/p90 of |u|/ulp from a policy's 34-bin UpdateStats histogram (factor-2 bins;
+    the open end bins are given one octave)."""
+    from gatesim.update import HIST_EDGES_LOG2
+    edges = [HIST_EDGES_LOG2[0] - 1] + list(HIST_EDGES_LOG2) + [HIST_EDGES_LOG2[-1] + 1]
+    return hist_quantiles(hist, np.asarray(edges, dtype=np.float64))
 
 
 def _advantages(r: torch.Tensor, algo: str) -> torch.Tensor:
@@ -92,6 +165,7 @@ def policy_metrics(shadow: ShadowWeights, W0: torch.Tensor, cfg: CellConfig,
         "nonzero_updates": nonzero,
         "absorbed_mass": shadow.absorbed_mass,
         "hist": list(shadow.hist),
+        "step_ratio_own_ulp": _policy_hist_quantiles(shadow.hist),
     }
     changed = bool(mask.any())
     if changed:
@@ -132,7 +206,13 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
     shadows = [ShadowWeights(parse_policy(n), task.W0, seed=cfg.seed) for n in cfg.policies]
     writer = (StreamWriter(record, task.W0, config=cfg.to_dict(), policy=cfg.train_policy,
                            seed=cfg.seed) if record is not None else None)
+    nulls = [ShadowWeights(parse_policy(n), task.W0, seed=cfg.seed) for n in cfg.null_policies]
+    null_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 29)
+    null_perm = torch.randperm(task.W0.numel(), generator=null_gen)
+    null_sign = (torch.randint(0, 2, (task.W0.numel(),), generator=null_gen) * 2 - 1).float()
     acc = torch.zeros(task.W0.shape, dtype=torch.float64)  # the exact accumulated stream
+    inv_ulp0 = 1.0 / ulp(task.W0, BF16)
+    step_hist = torch.zeros(_RATIO_BINS, dtype=torch.float64)
     step_norms = []
 
     def hook(name, delta, alpha, decay, step):
@@ -142,10 +222,16 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
                 delta.mul_(cfg.step_norm / nrm)
         step_norms.append(float(delta.norm()) * abs(alpha))
         acc.add_(delta.double(), alpha=alpha)
+        if step % STEP_RATIO_EVERY == 0:
+            step_hist.add_(_log2_hist(delta.abs() * (abs(alpha) * inv_ulp0)))
         if writer is not None:
             writer.add(delta, alpha, decay, step)
         for s in shadows:
             s.apply(delta, alpha, decay, step)
+        if nulls:
+            dn = (delta.reshape(-1)[null_perm] * null_sign).reshape(delta.shape)
+            for s in nulls:
+                s.apply(dn, alpha, decay, step)
 
     opt.update_hook = hook
     all_idx = torch.arange(cfg.n_contexts)
@@ -188,20 +274,32 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
 
     principal = gm.principal_mask(task.W0, cfg.k, cfg.alpha)
     low = gm.low_magnitude_mask(task.W0, cfg.alpha)
+    acc_ratio = acc.abs() * inv_ulp0.double()
     result = {"config": cfg.to_dict(), "trajectory": traj,
               "true_update_density": float((acc != 0).double().mean()),
               "mean_step_norm": float(np.mean(step_norms)) if step_norms else 0.0,
-              "policies": {}}
+              "update_norm": float(acc.norm()),
+              "step_ratio": ratio_quantiles(step_hist.numpy()),
+              "nominal_step_ratio": ratio_quantiles(
+                  _log2_hist(inv_ulp0 * cfg.lr).numpy()),
+              "acc_ratio": {**ratio_quantiles(_log2_hist(acc_ratio).numpy()),
+                            "below_half": float((acc_ratio < 0.5).double().mean())},
+              "policies": {}, "null": {}}
     masks = {}
     for s in shadows:
         res, mask = policy_metrics(s, task.W0, cfg, principal, low)
         result["policies"][s.policy.name] = res
         masks[s.policy.name] = np.packbits(mask.cpu().numpy().ravel())
+    for s in nulls:
+        res, mask = policy_metrics(s, task.W0, cfg, principal, low)
+        result["null"][s.policy.name] = res
+        masks[NULL_PREFIX + s.policy.name] = np.packbits(mask.cpu().numpy().ravel())
     if mask_path is not None:
         mp = Path(mask_path)
         mp.parent.mkdir(parents=True, exist_ok=True)
         tmp = mp.with_name(mp.name + ".tmp.npz")
-        np.savez_compressed(tmp, shape=np.array(task.W0.shape), **masks)
+        np.savez_compressed(tmp, shape=np.array(task.W0.shape),
+                            **{DELTA_KEY: acc.float().numpy()}, **masks)
         tmp.replace(mp)
     result["final_weights_sha"] = {s.policy.name: _digest(s.weights) for s in shadows}
     result["train_weights_sha"] = _digest(W.detach())

@@ -6,29 +6,44 @@ Output directory ``<out>/<sweep name>/``:
 * ``cells.jsonl``: one line per finished cell (:class:`gatesim.executor.ResultStore`); a
   rerun skips the cells already there, so a killed sweep loses only the cells in flight.
 * ``masks/<cell id>.npz``: each policy's update mask (packed bits) for the Jaccard pairs.
-* ``results.json`` (schema ``gatesim.sim.results/1``)::
+* ``results.json`` (schema ``gatesim.sim.results/2``)::
 
-      {"schema": "gatesim.sim.results/1",
+      {"schema": "gatesim.sim.results/2",
        "sweep": {name, base, variants, grid},
+       "stored_policy": "bf16+master" (or "bf16"),
        "cells": [{"key", "variant", "config": CellConfig fields,
                   "trajectory": {"step", "reward", "kl", "angle_left_max_deg"},
                   "true_update_density",  # fraction with a non-zero accumulated fp32 update
-                  "mean_step_norm",
+                  "mean_step_norm", "update_norm",  # ||accumulated fp32 update||_F
+                  "step_ratio", "nominal_step_ratio": {p10, p50, p90},  # |u|/ulp_bf16(w0)
+                  "acc_ratio": {p10, p50, p90, below_half},  # |acc|/ulp_bf16(w0)
                   "policies": {policy: {bitwise_sparsity, relative_sparsity, atol_sparsity,
                                update_density, absorbed_fraction, absorbed_updates,
                                nonzero_updates, absorbed_mass, hist (34 bins of
-                               log2(|u|/ulp), gatesim.update.HIST_EDGES_LOG2), nss,
+                               log2(|u|/ulp), gatesim.update.HIST_EDGES_LOG2),
+                               step_ratio_own_ulp {p10, p50, p90}, nss,
                                angle_left_max_deg, angle_right_max_deg (k = config k),
                                energy_topk, energy_baseline, sv_drift, principal_overlap,
                                low_overlap, principal_overlap_excl_low, overlap_baseline,
                                overlap_excl_low_baseline}},
+                  "null": {policy: the same fields, for the precision-only null},
                   "final_weights_sha": {policy: sha256 prefix of the final fp32 bits}}],
        "jaccard": [{"variant", "geometry", "policy", "seeds": [a, b], "value", "baseline",
-                    "p", "q"}],
-       "claims": [{"name", "statement", "statistic", "baseline", "verdict", "detail"}]}
+                    "p", "q"}],                      # cross-seed, same config
+       "cross_frame": [{"variant", "geometry", "policy", "seed", "value", "baseline", "p",
+                        "q", "ratio"}],              # non-real cell vs its real twin
+       "run_pairs": [{"seed", "kind": "recipe"|"dataset", "policy", "a", "b",
+                      "jaccard": {value, baseline, p, q, ratio}, "cosine",
+                      "cosine_baseline", "cosine_baseline_sd"}],
+       "rlvr_reference": {"model", "weights", "bound", "lrs": {lr: {p10, p50, p90}}},
+       "claims": [{"name", "statement", "statistic", "lo", "hi", "n", "threshold", "side",
+                   "baseline", "verdict", "detail", "per_seed"}]}
 
   Cells are in sweep order and the file holds no timings, so the same sweep gives the same
-  bytes for any number of workers.
+  bytes for any number of workers. Families of cells (beta sweep, lr sweep, recipes,
+  datasets, geometry twins) are found by config: :mod:`gatesim.sim.analysis`.
+* ``masks/<cell id>.npz`` also holds the null's masks (``null:<policy>``) and the
+  accumulated fp32 update (``accumulated_update``) for the run-pair cosines.
 * ``table.md``: the gate table and the claim verdicts. ``figures/*.png``.
 """
 from __future__ import annotations
@@ -46,9 +61,9 @@ from gatesim.executor import Executor, ResultStore, make_executor, show_status
 from gatesim.sim.config import CellConfig, SweepConfig
 from gatesim.sim.validate import validate_sweep
 
-__all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs"]
+__all__ = ["ablate", "RESULTS_SCHEMA", "cell_id", "jaccard_pairs", "stored_policy"]
 
-RESULTS_SCHEMA = "gatesim.sim.results/1"
+RESULTS_SCHEMA = "gatesim.sim.results/2"
 
 
 def cell_id(key: str) -> str:
@@ -64,10 +79,18 @@ def _run(payload: tuple) -> dict:
 
 
 def _load_masks(path: Path) -> dict:
-    with np.load(path) as z:
-        shape = tuple(int(x) for x in z["shape"])
-        n = int(np.prod(shape))
-        return {k: np.unpackbits(z[k])[:n].astype(bool) for k in z.files if k != "shape"}
+    from gatesim.sim.analysis import load_cell_arrays
+    return load_cell_arrays(path)
+
+
+def stored_policy(cells: list[dict]) -> Optional[str]:
+    """The policy that stands for a stored checkpoint: ``bf16+master`` when the cells have
+    it (mixed-precision training saves bf16(master)), else ``bf16``, else None."""
+    pols = cells[0]["policies"] if cells else {}
+    for p in ("bf16+master", "bf16"):
+        if p in pols:
+            return p
+    return None
 
 
 def jaccard_pairs(cells: list[dict], mask_dir: Path) -> list[dict]:
@@ -152,8 +175,16 @@ def ablate(sweep: SweepConfig, out: Union[str, os.PathLike] = "results", *,
         r = dict(results[key])
         variant = key.split(",", 1)[0].split("=", 1)[1]
         cell_rows.append({"key": key, "variant": variant, **r})
+    from gatesim.sim.analysis import cross_frame, run_pairs
+    from gatesim.sim.regime import rlvr_reference
+    cache: dict = {}
+    stored = stored_policy(cell_rows)
     doc = {"schema": RESULTS_SCHEMA, "sweep": sweep.to_dict(), "cells": cell_rows,
-           "jaccard": jaccard_pairs(cell_rows, mask_dir)}
+           "stored_policy": stored,
+           "jaccard": jaccard_pairs(cell_rows, mask_dir),
+           "cross_frame": cross_frame(cell_rows, mask_dir, cache),
+           "run_pairs": run_pairs(cell_rows, mask_dir, stored, cache) if stored else [],
+           "rlvr_reference": rlvr_reference()}
     doc["claims"] = [c.to_dict() for c in check_claims(doc)]
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=True), encoding="utf-8")
