@@ -1,0 +1,1 @@
+"""The network lab: RLVR against SFT on a whole pretrained transformer (``gatesim lab``)."""
