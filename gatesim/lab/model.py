@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Policy", "load_model", "save_checkpoint", "model_kind", "resolve_model_path",
+__all__ = ["Policy", "load_model", "save_checkpoint", "model_kind", "resolve_model_path", "make_tiny_model",
            "ModelError"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,4 +192,32 @@ def save_checkpoint(policy: Policy, folder: Union[str, os.PathLike], dtype: str 
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
                                         encoding="utf-8")
     policy.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_model(folder: Union[str, os.PathLike], kind: str = "masked", *,
+                    hidden: int = 32, layers: int = 2, seed: int = 0,
+                    tokenizer_from: Union[str, os.PathLike, None] = None) -> Path:
+    """Writes a small randomly initialised model folder (``"masked"``: a BERT encoder;
+    ``"causal"``: a Llama decoder with an untied head) with the tokenizer of
+    ``tokenizer_from`` (default: the bundled MiniLM's), for tests and quick tries of the lab
+    on a causal LM. Nothing is downloaded."""
+    if kind not in ("masked", "causal"):
+        raise ValueError(f"kind must be 'masked' or 'causal', got {kind!r}")
+    tf = _quiet_transformers()
+    src = resolve_model_path(tokenizer_from)
+    tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=2, intermediate_size=2 * hidden,
+                  max_position_embeddings=64)
+    if kind == "masked":
+        model = tf.BertModel(tf.BertConfig(**common), add_pooling_layer=False)
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2,
+                                                   tie_word_embeddings=False,
+                                                   pad_token_id=tok.pad_token_id, **common))
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
     return folder

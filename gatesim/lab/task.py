@@ -120,10 +120,11 @@ def _single_token_id(tokenizer, word: str) -> Optional[int]:
 
 
 def build_task(family: str, tokenizer, *, causal: bool = False, heldout_fraction: float = 0.3,
-               split_seed: int = 0, max_train: Optional[int] = None) -> Task:
+               split_seed: int = 0, max_train: Optional[int] = None,
+               max_heldout: Optional[int] = None) -> Task:
     """The prompts of ``family`` for ``tokenizer``; ``causal`` cuts each prompt at the answer
-    slot instead of placing the mask token there. ``max_train`` keeps the first training
-    prompts only (tests)."""
+    slot instead of placing the mask token there. ``max_train`` / ``max_heldout`` keep the
+    first training / held-out prompts only (tests)."""
     if not 0 < heldout_fraction < 1:
         raise TaskError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
     items, words = family_items(family)
@@ -151,6 +152,8 @@ def build_task(family: str, tokenizer, *, causal: bool = False, heldout_fraction
     held, train = sorted(perm[:n_held]), sorted(perm[n_held:])
     if max_train is not None:
         train = train[:max_train]
+    if max_heldout is not None:
+        held = held[:max_heldout]
     pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
     return Task(family, list(words), torch.tensor(ids, dtype=torch.long),
                 pick(train, prompts), torch.tensor(pick(train, answers), dtype=torch.long),
