@@ -104,7 +104,7 @@ def analyze_cell(payload: dict) -> dict:
     cell_dir = Path(payload["lab"]) / "cells" / cfg.id
     res = gatesim.diff(payload["base"], cell_dir / "checkpoint", out=cell_dir / "diff",
                        k=payload.get("k"), alpha=payload.get("alpha", 0.05), progress=False,
-                       figures=True, workers=1)
+                       figures=payload.get("figures", True), workers=1)
     masks = np.load(payload["masks"])
     stored = _stored_masks(Path(payload["base"]), cell_dir / "checkpoint")
     np.savez(cell_dir / "update_mask.npz",

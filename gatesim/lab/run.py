@@ -86,6 +86,7 @@ class LabConfig:
     max_heldout: Optional[int] = None
     k: Optional[int] = None
     alpha: float = 0.05
+    diff_figures: bool = True
 
     def __post_init__(self):
         if not self.families or not self.seeds or not self.methods:
@@ -145,7 +146,7 @@ def tiny_lab(**overrides) -> LabConfig:
     """A lab of seconds for tests: one layer, a few steps, 2 seeds, both families, every
     precision."""
     kw = dict(name="tiny", seeds=(0, 1), steps=3, eval_every=2, layers=1, max_train=16,
-              max_heldout=16, batch=4, group=4, extra_seeds=(0,))
+              max_heldout=16, batch=4, group=4, extra_seeds=(0,), diff_figures=False)
     kw.update(overrides)
     return LabConfig(**kw)
 
@@ -251,7 +252,7 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
     atodo = [(c.id, {"cell": c.to_dict(), "lab": str(root),
                      "base": str(bases[storage_dtype(c.precision)]),
                      "masks": str(root / f"base_masks_{storage_dtype(c.precision)}.npz"),
-                     "k": config.k, "alpha": config.alpha,
+                     "k": config.k, "alpha": config.alpha, "figures": config.diff_figures,
                      "ranked_update": _ranked_update(root, c, ids)})
              for c in cells if c.id not in astore]
     bar = _bar(progress, len(cells), "diffs", len(cells) - len(atodo))
