@@ -106,7 +106,8 @@ def test_bundled_minilm_loads_and_saves_bit_exact(tmp_path):
     saved = _tensors(out)
     with safe_open(str(bundled_model_path()), "pt") as f:
         # the pooler is unused by the lab; position_ids is an integer buffer, not a weight
-        names = [k for k in f.keys() if not k.startswith("pooler.") and k != "embeddings.position_ids"]
+        names = [k for k in f.keys()
+                 if not k.startswith("pooler.") and k != "embeddings.position_ids"]
         assert sorted(saved) == sorted(names)
         for k in names:
             assert torch.equal(saved[k].view(torch.int32), f.get_tensor(k).view(torch.int32)), k

@@ -31,8 +31,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Policy", "load_model", "save_checkpoint", "model_kind", "resolve_model_path", "make_tiny_model",
-           "ModelError"]
+__all__ = ["Policy", "load_model", "save_checkpoint", "model_kind", "resolve_model_path",
+           "make_tiny_model", "ModelError"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

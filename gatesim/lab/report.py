@@ -78,7 +78,6 @@ def aggregate(rows: list) -> dict:
     n_ov = sum(r["numel"] for r in ov)
     dens = sum(r["changed"] for r in ov) / n_ov if n_ov else None
     out["density"] = dens
-    size = sum(r["mask_size"] for r in ov)
     for name, col in (("stored_principal", "overlap_principal"), ("stored_low", "overlap_low"),
                       ("ranked_principal", "ranked_overlap_principal"),
                       ("ranked_low", "ranked_overlap_low")):
@@ -88,7 +87,6 @@ def aggregate(rows: list) -> dict:
             else None
         out[name] = v
         out[f"{name}_ratio"] = v / dens if v is not None and dens else None
-    del size
     return out
 
 

@@ -363,7 +363,8 @@ def run_cell(payload: dict) -> dict:
                  changed_fraction=sum(changed.values()) / max(1, sum(numel.values())))
     return dict(id=cfg.id, config=cfg.to_dict(), task=task.describe(), curve=curve,
                 evals=evals,
-                absorbed={k: (a / nz if nz else 0.0) for k, (a, nz) in sorted(absorbed_tot.items())},
+                absorbed={k: (a / nz if nz else 0.0)
+                          for k, (a, nz) in sorted(absorbed_tot.items())},
                 changed=changed, numel=numel, final=final,
                 seconds=time.perf_counter() - t0)
 
