@@ -15,7 +15,7 @@
 4. consistency of update masks and updates across seeds, task families and RL recipes,
    the table, the claims and the figures (:mod:`gatesim.lab.report`).
 
-**Default lab** (:func:`default_lab`, about 10-15 minutes on 2 cores): the bundled MiniLM (all
+**Default lab** (:func:`default_lab`; measured 26.8 min wall on 2 shared, busy cores, 902 CPU-seconds in all): the bundled MiniLM (all
 22.6M parameters of the encoder), families ``arithmetic`` (which of two number words is
 larger/smaller; 588 training and 252 held-out prompts, 21 candidates) and ``relations``
 (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on both, 3 seeds, the
