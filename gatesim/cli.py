@@ -7,6 +7,7 @@
   gatesim replay STREAM --policy P [--policy P2 ...]   a recorded stream through policies
   gatesim diff BASE TUNED [--out DIR] a base/tuned checkpoint pair, per tensor (resumes)
   gatesim absorbed                   what a random update loses per format and mode
+  gatesim lab [--out DIR]            RLVR vs SFT on the whole bundled MiniLM (about 15 min)
 """
 from __future__ import annotations
 
@@ -202,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     absd.set_defaults(func=cmd_absorbed)
     from gatesim.diff.cli import add_diff_parser
     add_diff_parser(sub)
+    from gatesim.lab.cli import add_lab_parser
+    add_lab_parser(sub)
     args = parser.parse_args(argv)
     from gatesim.executor import TasksFailed
     try:

@@ -1,0 +1,139 @@
+"""The lab's claims: the papers' whole-network statements, checked across seeds.
+
+Each claim takes one value per run (or per matched pair of runs: RL and SFT on the same
+family and seed, or two runs compared for consistency), computes the mean with its 95%
+Student-t interval (:func:`gatesim.stats.mean_interval`) and gives the verdict of
+:func:`gatesim.stats.verdict` against a threshold fixed here, before any run: ``holds``
+when the whole interval is on the claimed side, ``fails`` when it is wholly on the other,
+``inconclusive`` when it straddles. Thresholds were not tuned to the lab's results.
+
+Runs used: the default precision (``LabConfig.precision``, bf16 with fp32 master weights
+unless changed), the first RL method (``grpo``) against ``sft``; the second recipe only in the
+recipe-consistency claims. Consistency pairs that share a run are not independent, so their
+intervals are optimistic; each claim's ``n`` says how many values went in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from gatesim.stats import mean_interval, verdict
+
+__all__ = ["LabClaim", "check_lab_claims", "LEARN_GAIN", "COSINE_SDS"]
+
+#: "RLVR learns": held-out accuracy gain (after - before), in accuracy points.
+LEARN_GAIN = 0.10
+#: a cosine counts as aligned when it exceeds this many random-baseline sds (1/sqrt(N)).
+COSINE_SDS = 3.0
+
+
+@dataclasses.dataclass
+class LabClaim:
+    name: str
+    statement: str
+    values: list
+    interval: Optional[dict]
+    threshold: float
+    side: str
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _claim(name, statement, values, threshold, side) -> LabClaim:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    iv = mean_interval(vals)
+    return LabClaim(name, statement, vals, iv.to_dict() if iv else None, threshold, side,
+                    verdict(iv, threshold, side))
+
+
+def _runs(doc: dict, method: str, precision: str) -> list:
+    return [c for c in doc["cells"] if c["config"]["method"] == method
+            and c["config"]["precision"] == precision]
+
+
+def _pairs(doc: dict, rl: str, precision: str):
+    """(rl cell, sft cell) matched on family and seed."""
+    sft = {(c["config"]["family"], c["config"]["seed"]): c for c in _runs(doc, "sft", precision)}
+    for c in _runs(doc, rl, precision):
+        key = (c["config"]["family"], c["config"]["seed"])
+        if key in sft:
+            yield c, sft[key]
+
+
+def _net(doc: dict, cell: dict, key: str):
+    return doc["analysis"][cell["id"]]["network"].get(key)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def check_lab_claims(doc: dict, rl: str = "grpo") -> list:
+    """The claims (module docstring) on a lab's ``results.json`` document."""
+    prec = doc["lab"]["precision"]
+    out = []
+    fams = sorted({c["config"]["family"] for c in doc["cells"]})
+    for fam in fams:
+        gains = [c["final"]["heldout_acc"] - c["final"]["heldout_acc0"]
+                 for c in _runs(doc, rl, prec) if c["config"]["family"] == fam]
+        out.append(_claim(
+            f"rlvr_learns[{fam}]",
+            f"{rl} raises held-out accuracy on '{fam}' by more than {LEARN_GAIN:.0%} points "
+            "(after - before, per seed)", gains, LEARN_GAIN, "above"))
+    pairs = list(_pairs(doc, rl, prec))
+    out.append(_claim(
+        "rlvr_sparser_than_sft",
+        "the stored checkpoint's bitwise sparsity (whole network) is higher after RLVR than "
+        "after SFT on the same prompts (RL - SFT per family and seed)",
+        [_net(doc, r, "sparsity") - _net(doc, s, "sparsity") for r, s in pairs], 0.0, "above"))
+    out.append(_claim(
+        "rlvr_smaller_spectral_drift",
+        "RLVR moves the singular values less than SFT: log10(median NSS RL / median NSS SFT) "
+        "< 0 per family and seed",
+        [math.log10(x) if x else None for x in
+         (_ratio(_net(doc, r, "nss_median"), _net(doc, s, "nss_median")) for r, s in pairs)],
+        0.0, "below"))
+    out.append(_claim(
+        "rlvr_smaller_rotation",
+        "RLVR rotates the top-k singular subspaces less than SFT: median over matrices of "
+        "the largest principal angle, RL - SFT (degrees) < 0",
+        [_net(doc, r, "angle_median") - _net(doc, s, "angle_median") for r, s in pairs
+         if _net(doc, r, "angle_median") is not None], 0.0, "below"))
+    out.append(_claim(
+        "rlvr_avoids_principal_weights",
+        "Gate II with precision taken out: the fp32 update's largest-|dW| entries (at the "
+        "stored mask's density) overlap principal weights less than chance (ratio < 1)",
+        [_net(doc, c, "ranked_principal_ratio") for c in _runs(doc, rl, prec)], 1.0, "below"))
+    out.append(_claim(
+        "sft_avoids_principal_weights_less",
+        "the fp32-ranked principal overlap ratio is lower for RLVR than for SFT "
+        "(RL - SFT per family and seed < 0)",
+        [_net(doc, r, "ranked_principal_ratio") - _net(doc, s, "ranked_principal_ratio")
+         for r, s in pairs], 0.0, "below"))
+    stored = [c for c in doc["cells"] if c["config"]["precision"] in ("bf16", "bf16_master")]
+    out.append(_claim(
+        "bf16_storage_favors_low_magnitude",
+        "Gate III: in every bf16-stored run (RL and SFT), the stored mask's low-magnitude "
+        "overlap ratio exceeds the fp32-ranked one at the same density (stored - ranked > 0)",
+        [_net(doc, c, "stored_low_ratio") - _net(doc, c, "ranked_low_ratio") for c in stored
+         if _net(doc, c, "ranked_low_ratio") is not None], 0.0, "above"))
+    for axis, plural in (("seed", "seeds"), ("family", "families"), ("recipe", "recipes")):
+        rows = [p for p in doc["consistency"] if p["axis"] == axis and p["method"] == rl
+                and p["precision"] == prec]
+        net = [p["kinds"].get("all", {}) for p in rows]
+        out.append(_claim(
+            f"rlvr_masks_consistent_across_{plural}",
+            f"RLVR's stored update masks agree across {plural} more than independent masks of "
+            "the same densities: Jaccard - baseline > 0 (whole network, per pair)",
+            [(x["jaccard"] - x["jaccard_baseline"]) if x.get("jaccard") is not None
+             and x.get("jaccard_baseline") is not None else None for x in net], 0.0, "above"))
+        out.append(_claim(
+            f"rlvr_updates_aligned_across_{plural}",
+            f"RLVR's fp32 updates point the same way across {plural}: cosine over its random sd "
+            f"1/sqrt(N) exceeds {COSINE_SDS:g} (whole network, per pair)",
+            [x["cosine"] / x["cosine_baseline_sd"] if x.get("cosine") is not None else None
+             for x in net], COSINE_SDS, "above"))
+    return out

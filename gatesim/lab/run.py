@@ -1,0 +1,281 @@
+"""``gatesim lab``: the sweep of cells, their diffs, the table, the claims.
+
+:func:`run_lab` runs a :class:`LabConfig` into ``<out>/<name>/``:
+
+1. ``base_bf16/`` and ``base_fp32/``: the starting model saved as Hugging Face folders in the
+   two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest)
+   and ``base_masks_<fmt>.npz``, the principal (``Top_alpha(|W0^(k)|)``) and low-magnitude
+   (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k`` (SCIENCE.md);
+2. the cells (:func:`gatesim.lab.train.run_cell`) through an executor
+   (:mod:`gatesim.executor`), each result appended to ``cells.jsonl`` as it finishes
+   (:class:`gatesim.executor.ResultStore`): a rerun skips the finished cells;
+3. for each cell, ``gatesim diff`` of its base and tuned checkpoints into
+   ``cells/<id>/diff/`` plus the fp32-ranked overlaps (:func:`gatesim.lab.analysis.analyze_cell`),
+   through the same executor, stored in ``analysis.jsonl``;
+4. consistency of update masks and updates across seeds, task families and RL recipes,
+   the table, the claims and the figures (:mod:`gatesim.lab.report`).
+
+**Default lab** (:func:`default_lab`; measured 26.8 min wall on 2 shared, busy cores, 902 CPU-seconds in all): the bundled MiniLM (all
+22.6M parameters of the encoder), families ``arithmetic`` (which of two number words is
+larger/smaller; 588 training and 252 held-out prompts, 21 candidates) and ``relations``
+(antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on both, 3 seeds, the
+default precision ``bf16_master``; REINFORCE (the second RL recipe) on ``arithmetic`` with
+the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on ``arithmetic``, seed
+0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for RL), lr 5e-5, beta 0.05;
+19 cells.
+
+Why these numbers: the lab must finish on a laptop, and RLVR has to learn within it. Pilot
+runs of GRPO (plain torch AdamW, fp32, seed 0, before any claim was computed), held-out
+greedy accuracy:
+
+* a first arithmetic family (number after / before / plus two / minus two): lr 1e-5, 60
+  steps, 4% -> 4%; lr 1e-4, 100 steps, training prompts 5% -> 65% but held-out 4% -> 0%
+  (memorized, no generalization), so it was replaced by the comparison family;
+* ``arithmetic`` (comparison): lr 1e-4: 6% -> 82% in 100 steps; lr 3e-5: 6% -> 50% in 60
+  steps, 64% in 100;
+* ``relations``: lr 1e-4: 3% -> 20% in 60 steps, 37% in 100; lr 3e-5: 3% -> 9% in 60, 17%
+  in 100; lr 5e-5: 3% -> 17% in 60, 26% in 80.
+
+5e-5 with 80 steps is the smallest rate of those that moved both families clearly within
+the budget. The per-step relative update of a weight is larger than in the papers' runs
+(Adam moves each weight by up to about lr per step: lr / |w| ~ 1e-3 for the typical
+|w| ~ 0.05 here, about half of bf16's half-ULP; RLVR on billion-parameter models at lr 1e-6
+moves weights by ~1e-4 of themselves), which weakens Gate III compared with those runs:
+read the sparsities with that in mind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from gatesim.lab.train import CellConfig, storage_dtype
+
+__all__ = ["LabConfig", "default_lab", "tiny_lab", "run_lab", "LabError"]
+
+
+class LabError(ValueError):
+    """A lab cannot run as asked (a different lab in the output folder, bad settings)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabConfig:
+    """What a lab runs. ``cells()`` expands it into :class:`CellConfig` s."""
+
+    name: str = "default"
+    model: Optional[str] = None
+    families: tuple = ("arithmetic", "relations")
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = ("grpo", "sft")
+    second_recipe: Optional[str] = "reinforce"
+    extra_precisions: tuple = ("bf16", "fp32")
+    extra_seeds: tuple = (0,)
+    precision: str = "bf16_master"
+    optimizer: str = "emulated"
+    steps: int = 80
+    lr: float = 5e-5
+    batch: int = 8
+    group: int = 8
+    beta: float = 0.05
+    eval_every: int = 20
+    layers: Optional[int] = None
+    max_train: Optional[int] = None
+    max_heldout: Optional[int] = None
+    k: Optional[int] = None
+    alpha: float = 0.05
+    diff_figures: bool = True
+
+    def __post_init__(self):
+        if not self.families or not self.seeds or not self.methods:
+            raise LabError("a lab needs at least one family, seed and method")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise LabError(f"seeds repeat: {self.seeds}")
+
+    def cell(self, **kw) -> CellConfig:
+        base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
+                    lr=self.lr, batch=self.batch, group=self.group, beta=self.beta,
+                    eval_every=self.eval_every, model=self.model, layers=self.layers,
+                    max_train=self.max_train, max_heldout=self.max_heldout)
+        base.update(kw)
+        return CellConfig(**base)
+
+    def cells(self) -> list:
+        out = []
+        for fam in self.families:
+            for m in self.methods:
+                for s in self.seeds:
+                    out.append(self.cell(method=m, family=fam, seed=s))
+        if self.second_recipe:
+            for s in self.seeds:
+                out.append(self.cell(method=self.second_recipe, family=self.families[0],
+                                     seed=s))
+        for prec in self.extra_precisions:
+            for m in self.methods:
+                for s in self.extra_seeds:
+                    out.append(self.cell(method=m, family=self.families[0], seed=s,
+                                         precision=prec))
+        seen, uniq = set(), []
+        for c in out:
+            if c.id not in seen:
+                seen.add(c.id)
+                uniq.append(c)
+        return uniq
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LabConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise LabError(f"unknown lab settings {sorted(unknown)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def default_lab(**overrides) -> LabConfig:
+    """The default lab (module docstring)."""
+    return LabConfig(**overrides)
+
+
+def tiny_lab(**overrides) -> LabConfig:
+    """A lab of seconds for tests: one layer, a few steps, 2 seeds, both families, every
+    precision."""
+    kw = dict(name="tiny", seeds=(0, 1), steps=3, eval_every=2, layers=1, max_train=16,
+              max_heldout=16, batch=4, group=4, extra_seeds=(0,), diff_figures=False)
+    kw.update(overrides)
+    return LabConfig(**kw)
+
+
+def _bar(progress: bool, total: int, desc: str, done: int = 0):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=done, desc=desc, unit="cell")
+
+
+def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "lab.json"
+    doc = {"tool": "gatesim.lab", "version": 1, "config": config.to_dict()}
+    if cfg_path.exists() and not overwrite:
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise LabError(f"{cfg_path} is not JSON ({exc}); delete the folder or pass "
+                           "overwrite=True") from None
+        if old != doc:
+            raise LabError(f"{out} holds another lab ({cfg_path} differs); choose another "
+                           "--out or pass --overwrite to start over")
+        return
+    if overwrite:
+        for name in ("cells.jsonl", "analysis.jsonl", "results.json", "table.md"):
+            (out / name).unlink(missing_ok=True)
+    tmp = cfg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, cfg_path)
+
+
+def save_bases(config: LabConfig, out: Path, formats: Sequence[str]) -> dict:
+    """Writes ``base_<fmt>/`` (HF folders) and ``base_masks_<fmt>.npz``; returns
+    ``{fmt: folder}``. Skips what exists (a resumed lab)."""
+    import torch
+    from gatesim.lab.analysis import save_base_masks
+    from gatesim.lab.model import save_checkpoint
+    from gatesim.lab.train import build_policy
+    folders, policy = {}, None
+    for fmt in formats:
+        folder = out / f"base_{fmt}"
+        folders[fmt] = folder
+        masks = out / f"base_masks_{fmt}.npz"
+        if (folder / "model.safetensors").is_file() and masks.is_file():
+            continue
+        if policy is None:
+            policy = build_policy(config.cell())
+        dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+        tensors = {n: p.detach().to(dt).float() for n, p in policy.model.named_parameters()}
+        save_checkpoint(policy, folder, fmt, tensors=tensors)
+        save_base_masks(folder, masks, k=config.k, alpha=config.alpha)
+    return folders
+
+
+def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
+            workers: int = 2, progress: bool = True, overwrite: bool = False,
+            limit: Optional[int] = None) -> dict:
+    """Runs (or resumes) a lab (module docstring) and returns the ``results.json`` document.
+
+    Args:
+        config: the lab (default :func:`default_lab`).
+        out: output root; the lab writes ``<out>/<config.name>/``.
+        executor: anything with :mod:`gatesim.executor`'s ``map`` (a Ray wrapper, say);
+            default ``make_executor(workers, threads=1)``.
+        workers: local worker processes when no executor is given (1: in this process).
+        progress: tqdm bars.
+        overwrite: discard an earlier lab in the folder instead of resuming it.
+        limit: run at most this many new cells, then stop before the analysis (tests of
+            resumability; rerunning completes the lab).
+    """
+    from gatesim.executor import ResultStore, make_executor
+    from gatesim.lab.analysis import analyze_cell
+    from gatesim.lab.report import build_results
+    config = config or default_lab()
+    root = Path(out) / config.name
+    _prepare(root, config, overwrite)
+    t0 = time.perf_counter()
+    cells = config.cells()
+    formats = sorted({storage_dtype(c.precision) for c in cells})
+    bases = save_bases(config, root, formats)
+    ex = executor if executor is not None else make_executor(workers, threads=1)
+    store = ResultStore(root / "cells.jsonl")
+    for c in cells:  # a stored result whose checkpoint is gone is run again
+        if c.id in store and not (root / "cells" / c.id / "checkpoint" /
+                                  "model.safetensors").is_file():
+            store.discard(c.id)
+    todo = [(c.id, {"cell": c.to_dict(), "out": str(root), "progress": False})
+            for c in cells if c.id not in store]
+    if limit is not None:
+        todo = todo[:limit]
+    bar = _bar(progress, len(cells), "lab cells", len(cells) - len(
+        [c for c in cells if c.id not in store]))
+    store.run(ex, _run_cell_task, todo, progress=(lambda k: bar.update(1)) if bar else None)
+    if bar is not None:
+        bar.close()
+    if any(c.id not in store for c in cells):
+        return {"complete": False, "cells_done": sum(c.id in store for c in cells),
+                "cells": len(cells), "out": str(root)}
+    astore = ResultStore(root / "analysis.jsonl")
+    ids = {c.id for c in cells}
+    atodo = [(c.id, {"cell": c.to_dict(), "lab": str(root),
+                     "base": str(bases[storage_dtype(c.precision)]),
+                     "masks": str(root / f"base_masks_{storage_dtype(c.precision)}.npz"),
+                     "k": config.k, "alpha": config.alpha, "figures": config.diff_figures,
+                     "ranked_update": _ranked_update(root, c, ids)})
+             for c in cells if c.id not in astore]
+    bar = _bar(progress, len(cells), "diffs", len(cells) - len(atodo))
+    astore.run(ex, analyze_cell, atodo, progress=(lambda k: bar.update(1)) if bar else None)
+    if bar is not None:
+        bar.close()
+    results = {c.id: store.get(c.id) for c in cells}
+    analysis = {c.id: astore.get(c.id) for c in cells}
+    doc = build_results(config, root, cells, results, analysis, progress=progress)
+    doc["seconds"] = time.perf_counter() - t0
+    return doc
+
+
+def _ranked_update(root: Path, cell: CellConfig, ids: set) -> Optional[str]:
+    """The fp32 update whose |dW| ranking is compared with ``cell``'s stored mask: the
+    cell's own, except for pure bf16 (no fp32 record): the fp32 cell of the same method,
+    family and seed, if the lab has it."""
+    if cell.precision != "bf16":
+        return None
+    twin = dataclasses.replace(cell, precision="fp32").id
+    return str(root / "cells" / twin / "update_fp32.safetensors") if twin in ids else None
+
+
+def _run_cell_task(payload: dict) -> dict:
+    from gatesim.lab.train import run_cell
+    return run_cell(payload)

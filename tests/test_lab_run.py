@@ -1,0 +1,141 @@
+"""``gatesim lab`` end to end on a tiny model: files, the results.json schema, resuming after
+an interruption, deterministic results, the CLI, and the claims' verdict rule."""
+import json
+
+import pytest
+
+from gatesim.cli import main
+from gatesim.lab.claims import check_lab_claims
+from gatesim.lab.model import make_tiny_model
+from gatesim.lab.report import SCHEMA
+from gatesim.lab.run import LabError, run_lab, tiny_lab
+
+CELL_KEYS = {"id", "config", "task", "curve", "evals", "absorbed", "changed", "numel", "final"}
+AGG_KEYS = {"numel", "changed", "sparsity", "fp32_density", "nss_median", "angle_median",
+            "angle_max", "energy_ratio", "density", "stored_principal", "stored_principal_ratio",
+            "stored_low", "stored_low_ratio", "ranked_principal", "ranked_principal_ratio",
+            "ranked_low", "ranked_low_ratio"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("lab_model"), "masked", layers=1)
+
+
+def _config(model, **kw):
+    base = dict(model=str(model), layers=None, seeds=(0, 1), second_recipe="reinforce",
+                extra_precisions=("bf16",), extra_seeds=(0,), steps=2)
+    base.update(kw)
+    return tiny_lab(**base)
+
+
+def test_lab_files_schema_resume(tiny_model, tmp_path):
+    cfg = _config(tiny_model)
+    cells = cfg.cells()
+    # 2 families x 2 methods x 2 seeds + reinforce x 2 seeds + bf16 (grpo, sft) x 1 seed
+    assert len(cells) == 12
+    part = run_lab(cfg, tmp_path, workers=1, progress=False, limit=3)
+    assert part == {"complete": False, "cells_done": 3, "cells": 12,
+                    "out": str(tmp_path / "tiny")}
+    root = tmp_path / "tiny"
+    assert not (root / "results.json").exists()
+    first = {json.loads(line)["key"] for line in open(root / "cells.jsonl")}
+    doc = run_lab(cfg, tmp_path, workers=1, progress=False)
+    keys = [json.loads(line)["key"] for line in open(root / "cells.jsonl")]
+    assert len(keys) == len(set(keys)) == 12 and first <= set(keys)  # nothing ran twice
+    # files
+    for name in ("lab.json", "results.json", "table.md", "timings.json", "cells.jsonl",
+                 "analysis.jsonl", "figures/learning.png", "figures/layers.png",
+                 "base_bf16/model.safetensors", "base_bf16/config.json",
+                 "base_masks_bf16.npz"):
+        assert (root / name).is_file(), name
+    for c in cells:
+        cell = root / "cells" / c.id
+        for name in ("checkpoint/model.safetensors", "checkpoint/config.json",
+                     "update_fp32.safetensors", "steps.jsonl", "update_mask.npz",
+                     "diff/rows.csv", "diff/report.md", "diff/summary_module.csv"):
+            assert (cell / name).is_file(), (c.id, name)
+    # schema
+    on_disk = json.loads((root / "results.json").read_text())
+    assert on_disk["schema"] == SCHEMA
+    assert set(on_disk) == {"schema", "lab", "cells", "analysis", "consistency", "learning",
+                            "claims"}
+    assert [c["id"] for c in on_disk["cells"]] == [c.id for c in cells]
+    for c in on_disk["cells"]:
+        assert set(c) == CELL_KEYS
+        assert len(c["curve"]["reward"]) == 2 and c["evals"]["step"] == [0, 2]
+        a = on_disk["analysis"][c["id"]]
+        assert set(a["network"]) == AGG_KEYS
+        assert {"q", "k", "v", "o", "up", "down", "embed"} <= set(a["kinds"])
+        assert set(a["layers"]) == {"0"}
+    axes = {(p["axis"], p["method"]) for p in on_disk["consistency"]}
+    assert {("seed", "grpo"), ("seed", "sft"), ("family", "grpo"), ("recipe", "grpo")} <= axes
+    for p in on_disk["consistency"]:
+        allk = p["kinds"]["all"]
+        assert 0 <= allk["jaccard_baseline"] <= 1 and allk["cosine_baseline"] == 0.0
+    assert all(c["verdict"] in ("holds", "fails", "inconclusive", "not tested")
+               for c in on_disk["claims"])
+    assert len(on_disk["claims"]) == 14
+    table = (root / "table.md").read_text()
+    for heading in ("## Learning", "## Per module kind", "## Mask overlaps", "## Per layer",
+                    "## Every precision", "## Consistency", "## Claims"):
+        assert heading in table
+    # the pure-bf16 cell's |dW| ranking comes from... itself (no fp32 twin in this lab)
+    assert doc["analysis"]["grpo-arithmetic-bf16-s0"]["network"]["sparsity"] is not None
+    # a finished lab reruns to the same bytes (no timings in results.json)
+    before = (root / "results.json").read_bytes()
+    run_lab(cfg, tmp_path, workers=1, progress=False)
+    assert (root / "results.json").read_bytes() == before
+    # another lab in the same folder is refused
+    with pytest.raises(LabError, match="another lab"):
+        run_lab(_config(tiny_model, steps=3), tmp_path, workers=1, progress=False)
+
+
+def test_cli_lab_and_errors(tiny_model, tmp_path, capsys):
+    rc = main(["lab", "--tiny", "--model", str(tiny_model), "--layers", "1", "--families",
+               "relations", "--seeds", "0", "1", "--second-recipe", "none",
+               "--extra-precisions", "--steps", "2", "--workers", "1", "--quiet",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "## Claims" in out and (tmp_path / "tiny" / "results.json").is_file()
+    rc = main(["lab", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
+               "--quiet"])
+    assert rc == 2 and "not a folder" in capsys.readouterr().err
+    rc = main(["lab", "--tiny", "--model", str(tiny_model), "--families", "poetry",
+               "--out", str(tmp_path / "y"), "--quiet", "--workers", "1"])
+    assert rc == 2 and "unknown task family" in capsys.readouterr().err
+
+
+def _doc(gains, sparsity_rl, sparsity_sft):
+    """A minimal results document for the claim rules."""
+    cells, analysis = [], {}
+    for i, (g, srl, ssft) in enumerate(zip(gains, sparsity_rl, sparsity_sft)):
+        for m, s in (("grpo", srl), ("sft", ssft)):
+            cid = f"{m}-{i}"
+            cells.append({"id": cid, "config": {"method": m, "family": "f", "seed": i,
+                                                "precision": "bf16_master"},
+                          "final": {"heldout_acc0": 0.1, "heldout_acc": 0.1 + g}})
+            analysis[cid] = {"network": {"sparsity": s, "nss_median": 1e-3,
+                                         "angle_median": 1.0,
+                                         "ranked_principal_ratio": 0.9,
+                                         "stored_low_ratio": 2.0, "ranked_low_ratio": 1.0}}
+    return {"lab": {"precision": "bf16_master"}, "cells": cells, "analysis": analysis,
+            "consistency": []}
+
+
+def test_claim_verdicts_follow_the_intervals():
+    by = {c.name: c for c in check_lab_claims(_doc([0.5, 0.6, 0.55], [0.5, 0.6, 0.55],
+                                                   [0.1, 0.2, 0.15]))}
+    assert by["rlvr_learns[f]"].verdict == "holds"
+    assert by["rlvr_sparser_than_sft"].verdict == "holds"
+    assert by["rlvr_avoids_principal_weights"].verdict == "holds"
+    assert by["bf16_storage_favors_low_magnitude"].verdict == "holds"
+    assert by["rlvr_smaller_spectral_drift"].verdict == "inconclusive"  # all differences 0
+    assert by["rlvr_masks_consistent_across_seeds"].verdict == "not tested"
+    by = {c.name: c for c in check_lab_claims(_doc([0.0, 0.01, -0.01], [0.1, 0.2, 0.15],
+                                                   [0.5, 0.6, 0.55]))}
+    assert by["rlvr_learns[f]"].verdict == "fails"
+    assert by["rlvr_sparser_than_sft"].verdict == "fails"
+    by = {c.name: c for c in check_lab_claims(_doc([0.0, 0.5, 0.2], [0.1, 0.2, 0.15],
+                                                   [0.5, 0.6, 0.55]))}
+    assert by["rlvr_learns[f]"].verdict == "inconclusive"
