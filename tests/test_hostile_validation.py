@@ -83,6 +83,17 @@ def _cases(f, out):
         ("replay", ["replay", f["stream"], "--policy", "bf17"], ["bf17"]),
         ("replay", ["replay", f["stream"], "--policy", "bf16", "--seed", "-1"], ["seed"]),
         ("absorbed", ["absorbed", "--seed", "-1"], ["seed"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--workers", "-1"], ["workers"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--model", r / "nope"], ["nope"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--model", r], ["config.json"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--families", "bogus"],
+         ["families", "bogus"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--seeds", "-1"], ["seeds"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--lr", "nan"], ["lr"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--precision", "bf17"],
+         ["precision", "bf17"]),
+        ("lab", ["lab", "--tiny", "--out", out, "--quiet", "--executor", "spark"],
+         ["executor", "spark"]),
     ]
 
 

@@ -1,8 +1,8 @@
 """``gatesim lab``: the command-line face of :func:`gatesim.lab.run_lab`.
 
 :func:`add_lab_parser` adds the subcommand to the ``gatesim`` argparse parser. The engine is
-chosen by :func:`executor_from_args` (local processes, ``--workers``); another engine (Ray,
-say) plugs in there, or through ``run_lab(executor=...)`` from Python.
+chosen by the shared ``--executor`` option (:func:`gatesim.executor.add_executor_args`:
+local processes of ``--workers``, or Ray), or through ``run_lab(executor=...)`` from Python.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_lab_parser", "cmd_lab", "executor_from_args"]
+__all__ = ["add_lab_parser", "cmd_lab"]
 
 _EPILOG = """\
 examples:
@@ -56,6 +56,8 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard an earlier lab in the folder instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from gatesim.executor import add_executor_args
+    add_executor_args(p)
     p.set_defaults(func=cmd_lab)
     return p
 
@@ -76,27 +78,33 @@ def config_from_args(args):
     return tiny_lab(**kw) if args.tiny else default_lab(**kw)
 
 
-def executor_from_args(args):
-    """The executor of a ``gatesim lab`` run (``--workers`` local processes)."""
-    from gatesim.executor import make_executor
-    return make_executor(args.workers, threads=1)
-
-
 def cmd_lab(args: argparse.Namespace) -> int:
     from gatesim.lab.model import ModelError
     from gatesim.lab.run import LabError, run_lab
     from gatesim.lab.task import TaskError
+    from gatesim.executor import TasksFailed, executor_from_args
     t0 = time.perf_counter()
+    ex = None
     try:
         config = config_from_args(args)
         cells = config.cells()
+        from gatesim.lab.model import resolve_model_path
+        resolve_model_path(config.model)
         print(f"gatesim lab '{config.name}': {len(cells)} cells "
               f"({config.steps} steps each) -> {Path(args.out) / config.name}", flush=True)
-        doc = run_lab(config, args.out, executor=executor_from_args(args),
-                      progress=not args.quiet, overwrite=args.overwrite)
-    except (LabError, ModelError, TaskError, ValueError) as exc:
+        ex = executor_from_args(args)
+        run_lab(config, args.out, executor=ex, progress=not args.quiet,
+                overwrite=args.overwrite)
+    except (LabError, ModelError, TaskError, ValueError, TypeError, ConnectionError,
+            TasksFailed) as exc:
         print(f"gatesim lab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the worker pool is already down (gatesim.executor)
+        print(f"gatesim lab: interrupted; finished cells are stored in {args.out}, rerun "
+              "the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        getattr(ex, "close", lambda: None)()
     root = Path(args.out) / config.name
     print((root / "table.md").read_text(encoding="utf-8").split("## Figures")[0])
     print(f"Results: {root} (results.json, table.md, figures/, cells/*/diff/); "

@@ -89,10 +89,18 @@ class LabConfig:
     diff_figures: bool = True
 
     def __post_init__(self):
+        from gatesim.lab.task import FAMILIES
         if not self.families or not self.seeds or not self.methods:
             raise LabError("a lab needs at least one family, seed and method")
         if len(set(self.seeds)) != len(self.seeds):
             raise LabError(f"seeds repeat: {self.seeds}")
+        for s in (*self.seeds, *self.extra_seeds):
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
+                raise LabError(f"seeds must be ints in [0, 2**63), got {s!r}")
+        for fam in self.families:
+            if fam not in FAMILIES:
+                raise LabError(f"families: unknown task family {fam!r}; choose from "
+                               f"{FAMILIES}")
 
     def cell(self, **kw) -> CellConfig:
         base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
@@ -222,14 +230,17 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
     from gatesim.executor import ResultStore, make_executor
     from gatesim.lab.analysis import analyze_cell
     from gatesim.lab.report import build_results
+    from gatesim.lab.model import resolve_model_path
     config = config or default_lab()
     root = Path(out) / config.name
+    # every input is checked before the first byte is written (cells, model folder, workers)
+    cells = config.cells()
+    resolve_model_path(config.model)
+    ex = executor if executor is not None else make_executor(workers, threads=1)
     _prepare(root, config, overwrite)
     t0 = time.perf_counter()
-    cells = config.cells()
     formats = sorted({storage_dtype(c.precision) for c in cells})
     bases = save_bases(config, root, formats)
-    ex = executor if executor is not None else make_executor(workers, threads=1)
     store = ResultStore(root / "cells.jsonl")
     for c in cells:  # a stored result whose checkpoint is gone is run again
         if c.id in store and not (root / "cells" / c.id / "checkpoint" /
