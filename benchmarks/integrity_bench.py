@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -43,16 +42,9 @@ BEGIN, END = "<!-- integrity:begin -->", "<!-- integrity:end -->"
 
 
 def _machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model} ({platform.machine()})"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from markdown_block import machine
+    return machine()
 
 
 def plain_read(paths) -> float:

@@ -1,7 +1,24 @@
-"""One marked block of a Markdown file (BENCHMARKS.md), shared by the report scripts."""
+"""Pieces shared by the report scripts: one marked block of a Markdown file
+(BENCHMARKS.md) and the machine line every table is headed with."""
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
+
+
+def machine() -> str:
+    """``"<cores>-core <CPU model> (<arch>)"`` from /proc/cpuinfo where there is one."""
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {model} ({platform.machine()})"
 
 
 def replace_marked(path: Path, begin: str, end: str, body: str) -> None:

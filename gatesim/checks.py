@@ -156,3 +156,25 @@ def check_fields(obj: Any) -> None:
         nv = _coerce(v, hints.get(f.name, Any), f"{cls.__name__}.{f.name}")
         if nv is not v:
             object.__setattr__(obj, f.name, nv)
+
+
+def _no_duplicate_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _no_constants(c):
+    raise ValueError(f"non-standard JSON constant {c}")
+
+
+def strict_json_loads(text):
+    """``json.loads`` that refuses what a hostile or corrupted file could use to mean two
+    things: a key given twice (which value wins is a parser's choice) and the non-standard
+    constants ``NaN``, ``Infinity`` and ``-Infinity``. Raises ``ValueError``."""
+    import json
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+

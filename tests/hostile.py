@@ -15,8 +15,11 @@ from gatesim.diff.synthetic import save_sharded
 
 
 def planted_pair(root: Path, n: int = 6, size: int = 48, seed: int = 0,
-                 scale: float = 1.03) -> tuple[Path, Path]:
-    """A small bf16 base/tuned pair (sharded, with an index) with planted updates."""
+                 scale: float = 1.03, shard_bytes: tuple = (20_000, 15_000)
+                 ) -> tuple[Path, Path]:
+    """A small bf16 base/tuned pair (sharded, with an index) with planted updates: a third
+    of each matrix's entries scaled by ``scale``, every LayerNorm weight by 1.01. Shared by
+    the diff tests (hostile inputs, resume, Ray)."""
     g = torch.Generator().manual_seed(seed)
     base, tuned = {}, {}
     for i in range(n):
@@ -28,8 +31,8 @@ def planted_pair(root: Path, n: int = 6, size: int = 48, seed: int = 0,
         tuned[f"model.layers.{i}.mlp.up_proj.weight"] = t
         base[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size)
         tuned[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size) * 1.01
-    save_sharded(base, root / "base", shard_bytes=20_000)
-    save_sharded(tuned, root / "tuned", shard_bytes=15_000)
+    save_sharded(base, root / "base", shard_bytes=shard_bytes[0])
+    save_sharded(tuned, root / "tuned", shard_bytes=shard_bytes[1])
     return root / "base", root / "tuned"
 
 

@@ -8,28 +8,14 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 import gatesim.diff as gd
-from gatesim.diff.synthetic import save_sharded
+from hostile import planted_pair
 
 
 
-def _pair(root, n=16, size=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base, tuned = {}, {}
-    for i in range(n):
-        w = (0.02 * torch.randn(size, size, generator=g)).to(torch.bfloat16)
-        t = w.clone()
-        idx = torch.randperm(w.numel(), generator=g)[: w.numel() // 3]
-        t.view(-1)[idx] = (t.view(-1)[idx].float() * 1.03).to(torch.bfloat16)
-        base[f"model.layers.{i}.mlp.up_proj.weight"] = w
-        tuned[f"model.layers.{i}.mlp.up_proj.weight"] = t
-        base[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size)
-        tuned[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size) * 1.01
-    save_sharded(base, root / "base", shard_bytes=100_000)
-    save_sharded(tuned, root / "tuned", shard_bytes=70_000)
-    return root / "base", root / "tuned"
+def _pair(root):
+    return planted_pair(root, n=16, size=96, shard_bytes=(100_000, 70_000))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import gatesim.diff as gd  # noqa: E402
 from gatesim.cli import main as cli_main  # noqa: E402
 from gatesim.diff.core import DiffOptions, pair_tensors  # noqa: E402
 from gatesim.diff.io import open_checkpoint  # noqa: E402
-from gatesim.diff.synthetic import save_sharded  # noqa: E402
+from hostile import planted_pair  # noqa: E402
 from gatesim.executor import (ProcessExecutor, RayExecutor, ResultStore,  # noqa: E402
                               TasksFailed, make_executor)
 from gatesim.ray_executor import WorkerPathError  # noqa: E402
@@ -77,21 +77,8 @@ def _status_recorder(ex):
     return calls
 
 
-def _pair(root, n=12, size=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base, tuned = {}, {}
-    for i in range(n):
-        w = (0.02 * torch.randn(size, size, generator=g)).to(torch.bfloat16)
-        t = w.clone()
-        idx = torch.randperm(w.numel(), generator=g)[: w.numel() // 3]
-        t.view(-1)[idx] = (t.view(-1)[idx].float() * 1.03).to(torch.bfloat16)
-        base[f"model.layers.{i}.mlp.up_proj.weight"] = w
-        tuned[f"model.layers.{i}.mlp.up_proj.weight"] = t
-        base[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size)
-        tuned[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(size) * 1.01
-    save_sharded(base, root / "base", shard_bytes=100_000)
-    save_sharded(tuned, root / "tuned", shard_bytes=70_000)
-    return root / "base", root / "tuned"
+def _pair(root):
+    return planted_pair(root, n=12, size=96, shard_bytes=(100_000, 70_000))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +127,24 @@ def test_diff_same_bytes_serial_pool_ray(ray_cluster, diff_ref, tmp_path):
     assert "seconds" not in head and "svd_seconds" not in head
     timings = (tmp_path / "ray" / "timings.csv").read_text().splitlines()
     assert timings[0] == "name,seconds,svd_seconds" and len(timings) == 25
+
+
+def test_lab_same_bytes_serial_pool_ray(ray_cluster, tmp_path):
+    """A tiny lab (one-layer model, 2 steps, 4 cells) gives the same results.json bytes
+    serially, on the process pool and on Ray."""
+    from gatesim.lab.model import make_tiny_model
+    from gatesim.lab.run import run_lab, tiny_lab
+    model = make_tiny_model(tmp_path / "model", "masked", layers=1)
+    cfg = tiny_lab(model=str(model), layers=None, seeds=(0,), second_recipe=None,
+                   extra_precisions=("bf16",), extra_seeds=(0,), steps=2,
+                   families=("arithmetic",), diff_figures=False)
+    for name, ex in (("serial", make_executor(1)), ("pool", ProcessExecutor(2)),
+                     ("ray", RayExecutor(ray_cluster["gcs"]))):
+        run_lab(cfg, tmp_path / name, executor=ex, progress=False)
+    want = (tmp_path / "serial" / cfg.name / "results.json").read_bytes()
+    assert b'"cells"' in want
+    for name in ("pool", "ray"):
+        assert (tmp_path / name / cfg.name / "results.json").read_bytes() == want, name
 
 
 # ------------------------------------------------------------------------------ resources, paths

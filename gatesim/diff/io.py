@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import mmap
 import os
@@ -61,6 +60,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from gatesim.checks import strict_json_loads
 from gatesim.diff.errors import (CheckpointNotFoundError, HeaderError, IndexFormatError,
                                  MissingShardError, TruncatedFileError, UnsafePathError,
                                  UnsupportedFormatError)
@@ -161,17 +161,6 @@ class Checkpoint:
 # ------------------------------------------------------------------------------------------
 # safetensors headers
 # ------------------------------------------------------------------------------------------
-def _no_dupes(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
-def _bad_constant(c):
-    raise ValueError(f"non-standard JSON constant {c}")
 
 
 def _strict_json(data: bytes, what: str, path: str, err):
@@ -180,7 +169,7 @@ def _strict_json(data: bytes, what: str, path: str, err):
     except UnicodeDecodeError as exc:
         raise err(f"{what} is not UTF-8 ({exc})", path=path) from None
     try:
-        return json.loads(text, object_pairs_hook=_no_dupes, parse_constant=_bad_constant)
+        return strict_json_loads(text)
     except RecursionError:
         raise err(f"{what} is nested too deeply", path=path) from None
     except ValueError as exc:

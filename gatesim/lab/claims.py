@@ -2,8 +2,8 @@
 
 Each claim takes one value per run (or per matched pair of runs: RL and SFT on the same
 family and seed, or two runs compared for consistency), computes the mean with its 95%
-Student-t interval (:func:`gatesim.stats.mean_interval`) and gives the verdict of
-:func:`gatesim.stats.verdict` against a threshold fixed here, before any run: ``holds``
+Student-t interval and gives the verdict of :func:`gatesim.claims.make_claim` (the one
+claim type, shared with the gate simulation) against a threshold fixed here, before any run: ``holds``
 when the whole interval is on the claimed side, ``fails`` when it is wholly on the other,
 ``inconclusive`` when it straddles. Thresholds were not tuned to the lab's results.
 
@@ -14,13 +14,11 @@ intervals are optimistic; each claim's ``n`` says how many values went in.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Optional
 
-from gatesim.stats import mean_interval, verdict
+from gatesim.claims import Claim, make_claim
 
-__all__ = ["LabClaim", "check_lab_claims", "LEARN_GAIN", "COSINE_SDS"]
+__all__ = ["check_lab_claims", "LEARN_GAIN", "COSINE_SDS"]
 
 #: "RLVR learns": held-out accuracy gain (after - before), in accuracy points.
 LEARN_GAIN = 0.10
@@ -28,25 +26,11 @@ LEARN_GAIN = 0.10
 COSINE_SDS = 3.0
 
 
-@dataclasses.dataclass
-class LabClaim:
-    name: str
-    statement: str
-    values: list
-    interval: Optional[dict]
-    threshold: float
-    side: str
-    verdict: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _claim(name, statement, values, threshold, side) -> LabClaim:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    iv = mean_interval(vals)
-    return LabClaim(name, statement, vals, iv.to_dict() if iv else None, threshold, side,
-                    verdict(iv, threshold, side))
+def _claim(name, statement, values, threshold, side) -> Claim:
+    """The one claim type of gatesim (:func:`gatesim.claims.make_claim`: mean, 95%
+    interval across seeds, verdict from :mod:`gatesim.stats`)."""
+    return make_claim(name, statement, values, threshold, side,
+                      missing="the lab has no runs for it")
 
 
 def _runs(doc: dict, method: str, precision: str) -> list:

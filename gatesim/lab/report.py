@@ -21,8 +21,9 @@ same bytes for any executor or worker count)::
                                                cosine_baseline, cosine_baseline_sd, n}}}],
      "learning": [{"method", "family", "precision", "n", "heldout_acc0", "heldout_acc",
                    "gain", "heldout_expected0", "heldout_expected", "kl"}],  # intervals
-     "claims": [{"name", "statement", "values", "interval", "threshold", "side",
-                 "verdict"}]}
+     "claims": [gatesim.claims.Claim.to_dict(): {"name", "statement", "statistic" (mean
+                 across seeds), "lo", "hi" (95% interval), "n", "threshold", "side",
+                 "baseline", "verdict", "detail", "per_seed"}]}
 
 AGG (one run, a group of tensors): ``numel``, ``changed``, ``sparsity`` (bitwise, pooled
 over every tensor of the group, biases and norms included), ``fp32_density`` (non-zero
@@ -320,8 +321,9 @@ def write_table(doc: dict, path: Path, figs: dict) -> None:
     L += ["", "## Claims (thresholds fixed in gatesim/lab/claims.py before the run)", "",
           "| claim | mean [95% interval] | n | threshold | verdict |", "|---|---|---|---|---|"]
     for c in doc["claims"]:
-        L.append(f"| {c['name']} | {_ivs(c['interval'])} | "
-                 f"{c['interval']['n'] if c['interval'] else 0} | "
+        iv = None if c["statistic"] is None else {"mean": c["statistic"], "lo": c["lo"],
+                                                  "hi": c["hi"], "n": c["n"]}
+        L.append(f"| {c['name']} | {_ivs(iv)} | {c['n']} | "
                  f"{c['side']} {c['threshold']:g} | **{c['verdict']}** |")
     L += [""] + [f"- {c['name']}: {c['statement']}" for c in doc["claims"]]
     if figs:

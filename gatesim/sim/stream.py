@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gatesim.checks import check_real
+from gatesim.checks import check_real, strict_json_loads
 from gatesim.integrity import checksum_bytes, checksum_file
 from gatesim.sim.policies import ShadowWeights, parse_policy
 
@@ -138,17 +138,6 @@ class StreamWriter:
         self._write_manifest()
 
 
-def _no_dupes(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
-def _bad_constant(c):
-    raise ValueError(f"non-standard JSON constant {c}")
 
 
 def _is_int(v) -> bool:
@@ -169,8 +158,7 @@ class Stream:
         if size > MAX_MANIFEST_BYTES:
             raise StreamError(mpath, f"{size} bytes, above the {MAX_MANIFEST_BYTES}-byte limit")
         try:
-            m = json.loads(mpath.read_bytes().decode("utf-8"), object_pairs_hook=_no_dupes,
-                           parse_constant=_bad_constant)
+            m = strict_json_loads(mpath.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise StreamError(mpath, f"not valid JSON ({exc})") from None
         if not isinstance(m, dict):
