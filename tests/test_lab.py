@@ -88,8 +88,11 @@ def test_task_errors(tiny_masked):
     class NoMask:  # a tokenizer without a mask token cannot ask a masked-LM question
         mask_token = None
 
+        def __init__(self):
+            self.ids = {}   # one distinct id per text (str hashes vary between processes)
+
         def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [hash(text) % 1000]}
+            return {"input_ids": [self.ids.setdefault(text, len(self.ids))]}
     with pytest.raises(TaskError, match="mask token"):
         build_task("arithmetic", NoMask())
 

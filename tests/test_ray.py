@@ -228,17 +228,29 @@ def test_raising_task_is_listed_and_the_rest_is_stored(ray_cluster, tmp_path):
     assert out["c"] == {"unit": "c", "again": True} and out["a"] == {"unit": "a"}
 
 
-def test_failing_cell_through_the_cli_lists_it(ray_cluster, tmp_path, capsys):
+def test_failing_cell_through_the_cli_lists_it(ray_cluster, tmp_path, capsys, monkeypatch):
     cfg = mini_sweep("broken").to_dict()
     cfg["variants"]["sft"] = dict(cfg["variants"]["sft"], path=str(tmp_path / "gone.st"))
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(cfg))
-    code = cli_main(["ablate", str(path), "--out", str(tmp_path / "out"), "--executor", "ray",
-                     "--quiet"])
+    argv = ["ablate", str(path), "--out", str(tmp_path / "out"), "--executor", "ray", "--quiet"]
+    # a missing input is refused before any cell runs (issue 22), naming the cell and file
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert code == 2
-    assert "4 of 8 tasks failed" in err and "variant=sft" in err and "gone.st" in err
-    assert len(ResultStore(tmp_path / "out" / "broken" / "cells.jsonl")) == 4   # rl_kl cells
+    assert "variant=sft" in err and "gone.st" in err and not (tmp_path / "out").exists()
+    # a file that goes missing after the check (a worker's view of a shared filesystem):
+    # the failing cells are listed at the end, the others are stored
+    import gatesim.sim.sweep as sweep_mod
+    monkeypatch.setattr(sweep_mod, "validate_sweep", lambda sweep: {})
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    keys = [k for k, _ in mini_sweep("broken").cells()]
+    bad = [k for k in keys if "variant=sft," in k + ","]
+    assert bad and len(bad) < len(keys)
+    assert f"{len(bad)} of {len(keys)} tasks failed" in err and "gone.st" in err
+    assert all(k in err for k in bad)
+    stored = ResultStore(tmp_path / "out" / "broken" / "cells.jsonl")
+    assert sorted(k for k, _ in stored.items()) == sorted(set(keys) - set(bad))
 
 
 def test_ctrl_c_cancels_outstanding_tasks(ray_cluster, tmp_path):
