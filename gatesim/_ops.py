@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from gatesim.stat_layout import N_STATS
+
 try:
     from gatesim import _C  # noqa: F401  (registers torch.ops.gatesim)
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -59,8 +61,7 @@ def spec_numbers(fmt_args: list[int]) -> list[int]:
 @torch.library.register_fake("gatesim::apply_update")
 def _apply_update_fake(param, delta, master, comp, fmt, rmode, sum_mode, alpha, decay, seed,
                        offset, step, stats):
-    n_stats = 8 + 34  # see csrc/gatesim/update.h (Stat)
-    return (param.new_empty((n_stats,), dtype=torch.int64),
+    return (param.new_empty((N_STATS,), dtype=torch.int64),
             param.new_empty((1,), dtype=torch.float64))
 
 

@@ -19,7 +19,8 @@ import torch
 
 from gatesim.checks import check_fields
 
-__all__ = ["Format", "FP32", "TF32", "BF16", "FP16", "E4M3FN", "E5M2", "FORMATS", "as_format"]
+__all__ = ["Format", "FP32", "TF32", "BF16", "FP16", "E4M3FN", "E5M2", "FORMATS", "as_format",
+           "STORAGE_DTYPES", "int_view_dtype"]
 
 _NAN_KINDS = ("ieee", "fn")
 
@@ -141,6 +142,49 @@ class Format:
         """The torch storage dtype with exactly this format, if there is one."""
         return _TORCH_DTYPES.get(self._key())
 
+    # ----- bit facts ----------------------------------------------------------
+    # Codes are bit patterns of this format's own layout (sign, exponent, mantissa from the
+    # top bit down) with the sign bit cleared; they apply to a tensor's bits when the
+    # tensor's dtype is this format's torch_dtype.
+    @property
+    def sign_bit(self) -> int:
+        """The sign bit: ``1 << (bits - 1)``."""
+        return 1 << (self.bits - 1)
+
+    @property
+    def magnitude_mask(self) -> int:
+        """The bits below the sign (exponent and mantissa)."""
+        return self.sign_bit - 1
+
+    @property
+    def inf_code(self) -> Optional[int]:
+        """Magnitude code of infinity (all-ones exponent, zero mantissa); None when the
+        format has no infinity."""
+        return ((1 << self.ebits) - 1) << self.mbits if self.inf else None
+
+    @property
+    def nan_code(self) -> int:
+        """Smallest NaN magnitude code: every magnitude at or above it is NaN, every one
+        below it is finite or infinity. IEEE: the all-ones exponent with a non-zero
+        mantissa (with the whole all-ones exponent when there is no infinity, as it then
+        holds neither a finite value nor infinity); ``"fn"``: only the all-ones pattern."""
+        if self.nan == "fn":
+            return self.magnitude_mask
+        top = ((1 << self.ebits) - 1) << self.mbits
+        return top + 1 if self.inf else top
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of a tensor holding values of this format: :attr:`torch_dtype`, or
+        float32 for formats without one (they are emulated inside fp32)."""
+        return self.torch_dtype or torch.float32
+
+    @property
+    def view_dtype(self) -> torch.dtype:
+        """The signed integer dtype of :attr:`storage_dtype`'s width, to view stored values
+        as bit patterns (``x.view(fmt.view_dtype)``)."""
+        return int_view_dtype(self.storage_dtype.itemsize)
+
     def _key(self) -> tuple:
         return (self.ebits, self.mbits, self.bias, self.subnormals, self.inf, self.nan)
 
@@ -177,6 +221,11 @@ _TORCH_DTYPES = {
     E5M2._key(): torch.float8_e5m2,
 }
 _FROM_DTYPE = {v: k for k, v in _TORCH_DTYPES.items()}
+#: Signed integer dtypes by byte width (bit views of stored values).
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: The torch dtypes that store a gatesim format exactly (fp32 also holds every other
+#: format), in the order of :data:`FORMATS`.
+STORAGE_DTYPES = tuple(f.torch_dtype for f in FORMATS.values() if f.torch_dtype is not None)
 
 
 def as_format(fmt: Union[Format, str, torch.dtype], argname: str = "fmt") -> Format:
@@ -196,3 +245,12 @@ def as_format(fmt: Union[Format, str, torch.dtype], argname: str = "fmt") -> For
         raise ValueError(f"{argname}: unknown format name {fmt!r}; known: {sorted(FORMATS)}")
     raise TypeError(f"{argname} must be a gatesim.Format, a format name or a torch dtype, "
                     f"got {type(fmt).__name__}")
+
+
+def int_view_dtype(itemsize: int) -> torch.dtype:
+    """The signed integer dtype of ``itemsize`` bytes (bit views of any stored tensor,
+    integer and float64 ones included)."""
+    view = _INT_VIEWS.get(itemsize)
+    if view is None:
+        raise TypeError(f"no integer dtype of {itemsize} bytes to view bit patterns in")
+    return view

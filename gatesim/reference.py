@@ -15,6 +15,8 @@ import math
 import numba
 import numpy as np
 
+from gatesim.stat_layout import HIST_BINS, HIST_LO_LOG2, N_STATS, STAT_FIELDS
+
 NEAREST_EVEN, NEAREST_AWAY, TOWARD_ZERO, UP, DOWN, ODD, STOCHASTIC = range(7)
 
 _M0 = np.uint64(0xD2511F53)
@@ -277,7 +279,8 @@ def absorbed(w, delta, fmt, mode, seed, offset):
 
 # ----- apply_update ------------------------------------------------------------------
 UPDATE_BLOCK = 4096
-HIST_LO, HIST_BINS = -24, 34
+HIST_LO = HIST_LO_LOG2
+_N_COUNTERS = len(STAT_FIELDS)   # the histogram follows the counters
 STORAGE, MASTER, KAHAN = 0, 1, 2
 SUM_EXACT, SUM_FP32 = 0, 1
 _FP32_ARGS = np.array([8, 23, 127, 1, 1, 0, 0, 0], dtype=np.int64)
@@ -346,12 +349,12 @@ def _ulp_exp(x, fmt):
 def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, seed, offset,
                  step):
     """Twin of gatesim.apply_update on float32 arrays holding format values (p, comp) and
-    fp32 (d, master). Returns (new p, new master, new comp, counts[8 + 34], mass)."""
+    fp32 (d, master). Returns (new p, new master, new comp, counts[N_STATS], mass)."""
     n = p.size
     pn = np.empty(n, dtype=np.float32)
     mn = master.copy()
     cn = comp.copy()
-    counts = np.zeros(8 + HIST_BINS, dtype=np.int64)
+    counts = np.zeros(N_STATS, dtype=np.int64)
     fmt_c = fmt.copy()
     fmt_c[6] = 0
     fmt_c[7] = 0
@@ -410,7 +413,7 @@ def apply_update(p, d, master, comp, path, fmt, mode, sum_mode, alpha, decay, se
             counts[7] += differs
             if not zero and math.isfinite(u) and math.isfinite(po):
                 k = _binade(abs(u)) - _ulp_exp(po, fmt) - HIST_LO + 1
-                counts[8 + min(max(k, 0), HIST_BINS - 1)] += 1
+                counts[_N_COUNTERS + min(max(k, 0), HIST_BINS - 1)] += 1
             if absorbed:
                 acc[i - b0] = abs(u)
         block_mass[b0 // UPDATE_BLOCK] = tree_sum(acc)
