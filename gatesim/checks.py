@@ -24,12 +24,14 @@ import functools
 import math
 import numbers
 import typing
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
 __all__ = ["ArgumentError", "is_real", "is_int", "check_real", "check_int", "check_bool",
-           "check_fields"]
+           "check_fields", "check_float32_tensor", "renamed_keyword"]
 
 
 class ArgumentError(TypeError, ValueError):
@@ -96,6 +98,44 @@ def check_bool(v: Any, name: str) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise ArgumentError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
     return bool(v)
+
+
+def check_float32_tensor(x: Any, name: str, like: Optional[torch.Tensor] = None,
+                         likename: str = "") -> torch.Tensor:
+    """``x`` after checking that it is a contiguous float32 tensor (of ``like``'s shape and
+    device, when given): the operand rule of the precision ops and the fused update."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype}")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, {likename} has "
+                             f"{tuple(like.shape)}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device}, {likename} on {like.device}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call {name}.contiguous()")
+    return x
+
+
+def renamed_keyword(old: str, new: str) -> Callable:
+    """Decorator: the keyword argument ``old`` of the decorated function is now ``new``.
+    Calls that still pass ``old`` keep working, with a ``DeprecationWarning``; passing both
+    is a ``TypeError``."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; {old}= is "
+                                    f"the old name of {new}=")
+                warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=...",
+                              DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def _describe(tp) -> str:

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from gatesim._ops import ops
-from gatesim.checks import check_int
+from gatesim.checks import check_float32_tensor, check_int
 from gatesim.formats import Format, as_format
 
 __all__ = ["MODES", "quantize", "to_dtype", "ulp", "absorbed", "random_bits"]
@@ -36,25 +36,10 @@ def mode_index(mode: str) -> int:
     return MODES.index(name)
 
 
-def _check_tensor(x, argname: str, like: Optional[torch.Tensor] = None,
-                  likename: str = "") -> torch.Tensor:
-    """A contiguous float32 tensor (of like's shape and device, when given)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{argname} must be float32, got {x.dtype}")
-    if like is not None:
-        if x.shape != like.shape:
-            raise ValueError(f"{argname} has shape {tuple(x.shape)}, {likename} has "
-                             f"{tuple(like.shape)}")
-        if x.device != like.device:
-            raise ValueError(f"{argname} is on {x.device}, {likename} on {like.device}")
-    if not x.is_contiguous():
-        raise ValueError(f"{argname} must be contiguous; call {argname}.contiguous()")
-    return x
-
-
-def _stream_args(mode: int, seed: Optional[int], offset: int, n: int) -> tuple[int, int]:
+def stream_args(mode: int, seed: Optional[int], offset: int, n: int) -> tuple[int, int]:
+    """The op-level ``(seed, offset)`` of a call over ``n`` elements in rounding mode number
+    ``mode``: checked (``offset + n`` below 2**62; a seed in ``0..2**63-1`` required for
+    stochastic rounding) and ``(0, 0)`` for the deterministic modes."""
     offset = check_int(offset, "offset", lo=0)
     if offset + n > _MAX_OFFSET:
         raise ValueError(f"offset + numel must stay below 2**62, got {offset} + {n}")
@@ -108,9 +93,9 @@ def quantize(x: torch.Tensor, fmt: FormatLike, mode: str = "nearest_even", *,
     that normal per mode (there is no blind flush).
     """
     fmt = as_format(fmt)
-    _check_tensor(x, "x")
+    check_float32_tensor(x, "x")
     m = mode_index(mode)
-    seed_, offset_ = _stream_args(m, seed, offset, x.numel())
+    seed_, offset_ = stream_args(m, seed, offset, x.numel())
     args = fmt.op_args(saturate=bool(saturate), rand_bits=_rand_bits(rand_bits))
     if out is None:
         return ops.quantize(x, args, m, seed_, offset_, torch.float32)
@@ -147,9 +132,9 @@ def to_dtype(x: torch.Tensor, dtype: Union[torch.dtype, Format, str], mode: str 
     tdtype = fmt.torch_dtype
     if tdtype is None:
         raise TypeError(f"dtype: format {fmt} has no torch storage dtype; use quantize()")
-    _check_tensor(x, "x")
+    check_float32_tensor(x, "x")
     m = mode_index(mode)
-    seed_, offset_ = _stream_args(m, seed, offset, x.numel())
+    seed_, offset_ = stream_args(m, seed, offset, x.numel())
     args = fmt.op_args(saturate=bool(saturate), rand_bits=_rand_bits(rand_bits))
     if out is None:
         return ops.quantize(x, args, m, seed_, offset_, tdtype)
@@ -167,7 +152,7 @@ def ulp(x: torch.Tensor, fmt: FormatLike) -> torch.Tensor:
     not be representable in ``fmt``: its own binade decides.
     """
     fmt = as_format(fmt)
-    _check_tensor(x, "x")
+    check_float32_tensor(x, "x")
     return ops.ulp(x, fmt.op_args())
 
 
@@ -187,10 +172,10 @@ def absorbed(w: torch.Tensor, delta: torch.Tensor, fmt: FormatLike, mode: str = 
         delta: float32 tensor of w's shape.
     """
     fmt = as_format(fmt)
-    _check_tensor(w, "w")
-    _check_tensor(delta, "delta", like=w, likename="w")
+    check_float32_tensor(w, "w")
+    check_float32_tensor(delta, "delta", like=w, likename="w")
     m = mode_index(mode)
-    seed_, offset_ = _stream_args(m, seed, offset, w.numel())
+    seed_, offset_ = stream_args(m, seed, offset, w.numel())
     if check:
         q = ops.quantize(w, fmt.op_args(), 0, 0, 0, torch.float32)
         bad = (q.view(torch.int32) != w.view(torch.int32)) & ~torch.isnan(w)
@@ -212,7 +197,7 @@ def random_bits(n: int, seed: int, offset: int = 0, *,
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    seed_, offset_ = _stream_args(MODES.index("stochastic"), seed, offset, n)
+    seed_, offset_ = stream_args(MODES.index("stochastic"), seed, offset, n)
     out = torch.empty(n, dtype=torch.int32, device=device)
     ops.random_bits_out(out, seed_, offset_)
     return out.to(torch.int64) & 0xFFFFFFFF

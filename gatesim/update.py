@@ -12,13 +12,15 @@ Policies (``u`` is the step's intended update, ``R`` rounding to the storage for
 * Kahan-compensated storage (``compensation=``, torch-optimi's scheme): ``c <- c + u``,
   ``p' <- p + c``, ``c <- c + (p - p')``, every result rounded to the storage format.
 
-``sum="exact"`` (default) rounds the exact result of each step once (TwoSum, then
+``sum_mode="exact"`` (default) rounds the exact result of each step once (TwoSum, then
 round-to-odd in fp64), so an update far below half an fp32 ULP of the weight still gets its
-proper chance under stochastic rounding. ``sum="fp32"`` reproduces what PyTorch does on
+proper chance under stochastic rounding. ``sum_mode="fp32"`` reproduces what PyTorch does on
 low-precision tensors: compute in fp32 (``p.mul_(decay)``, then ``p.add_(delta,
 alpha=alpha)``), then round; for stochastic rounding this is the usual
 fp32-sum-then-round behaviour of every other library. For storage-only updates the stats
-count the elements where the two would store different bits (``sum_differs``).
+count the elements where the two would store different bits (``sum_differs``). (The
+keyword was called ``sum``, shadowing the builtin; ``sum=`` is still accepted, with a
+``DeprecationWarning``.)
 """
 from __future__ import annotations
 
@@ -30,22 +32,19 @@ import numpy as np
 import torch
 
 from gatesim._ops import ops
-from gatesim.checks import check_int, check_real
-from gatesim.formats import Format, as_format
-from gatesim.precision import _check_tensor, _stream_args, mode_index
+from gatesim.checks import check_float32_tensor, check_int, check_real, renamed_keyword
+from gatesim.formats import STORAGE_DTYPES, Format, as_format
+from gatesim.precision import mode_index, stream_args
+from gatesim.stat_layout import HIST_BINS, HIST_EDGES_LOG2, STAT_FIELDS
 
 __all__ = ["UpdateStats", "apply_update", "HIST_EDGES_LOG2", "SUM_MODES"]
 
 SUM_MODES = ("exact", "fp32")
-#: log2 edges of the |u| / ulp(p) histogram: bin 0 is below 2**-24, bin j (1..32) is
-#: [2**(j-25), 2**(j-24)), bin 33 is at or above 2**8. Zero and non-finite updates are
-#: not in the histogram (see UpdateStats.zero and the nonfinite counts).
-HIST_EDGES_LOG2 = tuple(range(-24, 9))
-_N_HIST = 34
-_STAT_FIELDS = ("n", "changed", "absorbed", "zero", "nonfinite_delta", "nonfinite_param",
-                "nonfinite_result", "sum_differs")
-_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
-                   torch.float8_e5m2)
+# HIST_EDGES_LOG2 (gatesim.stat_layout): log2 edges of the |u| / ulp(p) histogram: bin 0 is
+# below 2**-24, bin j (1..32) is [2**(j-25), 2**(j-24)), bin 33 is at or above 2**8. Zero
+# and non-finite updates are not in the histogram (see UpdateStats.zero and the nonfinite
+# counts).
+_N_HIST = HIST_BINS   # old private name, still imported by gatesim.tracking (to be switched)
 
 
 def _stats_to_host(counts: torch.Tensor, mass: torch.Tensor) -> tuple:
@@ -68,7 +67,7 @@ class UpdateStats:
         nonfinite_delta / nonfinite_param / nonfinite_result: inf or NaN in the update, in
             the stored value before, and after the step. Non-finite updates are applied as
             given (NaN propagates, as in real training) and counted here.
-        sum_differs: storage-only policy: elements where the other ``sum`` mode would have
+        sum_differs: storage-only policy: elements where the other ``sum_mode`` would have
             stored other bits (0 for the other policies).
         absorbed_mass: sum of ``|u|`` over absorbed elements (fp64, summed by a fixed pairwise
             tree over blocks of 4096 elements and then over blocks: the same bits for any
@@ -90,23 +89,23 @@ class UpdateStats:
     nonfinite_result: int = 0
     sum_differs: int = 0
     absorbed_mass: float = 0.0
-    hist: list = dataclasses.field(default_factory=lambda: [0] * _N_HIST)
+    hist: list = dataclasses.field(default_factory=lambda: [0] * HIST_BINS)
 
     @classmethod
     def from_op(cls, counts: torch.Tensor, mass: torch.Tensor) -> "UpdateStats":
         if counts.device.type != "cpu":
             counts, mass = _stats_to_host(counts, mass)
         c = counts.tolist()
-        fields = dict(zip(_STAT_FIELDS, c[: len(_STAT_FIELDS)]))
-        return cls(**fields, absorbed_mass=float(mass.item()), hist=c[len(_STAT_FIELDS):])
+        fields = dict(zip(STAT_FIELDS, c[: len(STAT_FIELDS)]))
+        return cls(**fields, absorbed_mass=float(mass.item()), hist=c[len(STAT_FIELDS):])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, UpdateStats):
             return NotImplemented
-        a, b = dataclasses.astuple(self), dataclasses.astuple(other)
         mass_eq = (self.absorbed_mass == other.absorbed_mass or
                    (np.isnan(self.absorbed_mass) and np.isnan(other.absorbed_mass)))
-        return mass_eq and a[:8] == b[:8] and a[9] == b[9]
+        return mass_eq and all(getattr(self, f) == getattr(other, f) for f in STAT_FIELDS) \
+            and list(self.hist) == list(other.hist)
 
     @property
     def unchanged(self) -> int:
@@ -126,7 +125,7 @@ class UpdateStats:
     def __add__(self, other: "UpdateStats") -> "UpdateStats":
         if not isinstance(other, UpdateStats):
             return NotImplemented
-        merged = {f: getattr(self, f) + getattr(other, f) for f in _STAT_FIELDS}
+        merged = {f: getattr(self, f) + getattr(other, f) for f in STAT_FIELDS}
         return UpdateStats(**merged, absorbed_mass=self.absorbed_mass + other.absorbed_mass,
                            hist=[a + b for a, b in zip(self.hist, other.hist)])
 
@@ -142,8 +141,8 @@ class UpdateStats:
 def _check_storage(param: torch.Tensor, fmt: Optional[Union[Format, str]]) -> Format:
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"param must be a torch.Tensor, got {type(param).__name__}")
-    if param.dtype not in _STORAGE_DTYPES:
-        raise TypeError(f"param must be one of {[str(d) for d in _STORAGE_DTYPES]}, got "
+    if param.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"param must be one of {[str(d) for d in STORAGE_DTYPES]}, got "
                         f"{param.dtype}")
     if not param.is_contiguous():
         raise ValueError("param must be contiguous")
@@ -158,10 +157,11 @@ def _check_storage(param: torch.Tensor, fmt: Optional[Union[Format, str]]) -> Fo
     return fmt
 
 
+@renamed_keyword("sum", "sum_mode")
 def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Union[Format, str]] = None,
                  mode: str = "nearest_even", master: Optional[torch.Tensor] = None,
                  compensation: Optional[torch.Tensor] = None, alpha: float = 1.0,
-                 decay: float = 1.0, sum: str = "exact", seed: Optional[int] = None,
+                 decay: float = 1.0, sum_mode: str = "exact", seed: Optional[int] = None,
                  offset: int = 0, step: int = 0, saturate: bool = False,
                  rand_bits: Optional[int] = None, stats: bool = True,
                  check_finite: bool = False) -> Optional[UpdateStats]:
@@ -182,18 +182,19 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
             scalars are accepted).
         decay: multiplicative decay applied first (AdamW: ``1 - lr * weight_decay``),
             float32 like alpha.
-        sum: ``"exact"`` or ``"fp32"``; see the module docstring (ignored with master).
+        sum_mode: ``"exact"`` or ``"fp32"``; see the module docstring (ignored with master).
+            ``sum=`` is its deprecated old name.
         seed, offset, step: the Philox stream of stochastic rounding: element ``i`` uses
             position ``offset + i`` of stream ``2 * step + 1`` (``2 * step`` for the decay's
-            own rounding in ``sum="fp32"`` and Kahan policies).
+            own rounding in ``sum_mode="fp32"`` and Kahan policies).
         saturate, rand_bits: as in :func:`gatesim.quantize`.
         check_finite: raise ValueError before touching anything if delta holds inf or NaN
             (otherwise they are applied and counted).
     """
     fmt = _check_storage(param, fmt)
-    _check_tensor(delta, "delta", like=param, likename="param")
+    check_float32_tensor(delta, "delta", like=param, likename="param")
     if master is not None:
-        _check_tensor(master, "master", like=param, likename="param")
+        check_float32_tensor(master, "master", like=param, likename="param")
     if compensation is not None:
         if not isinstance(compensation, torch.Tensor) or compensation.dtype != param.dtype:
             raise TypeError(f"compensation must be a tensor of param's dtype {param.dtype}")
@@ -201,10 +202,10 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
             raise ValueError("compensation must have param's shape and device")
     if master is not None and compensation is not None:
         raise ValueError("use either master weights or a compensation buffer, not both")
-    if sum not in SUM_MODES:
-        raise ValueError(f"sum must be one of {SUM_MODES}, got {sum!r}")
+    if sum_mode not in SUM_MODES:
+        raise ValueError(f"sum_mode must be one of {SUM_MODES}, got {sum_mode!r}")
     m = mode_index(mode)
-    seed_, offset_ = _stream_args(m, seed, offset, param.numel())
+    seed_, offset_ = stream_args(m, seed, offset, param.numel())
     step = check_int(step, "step", lo=0)
     # the op takes alpha and decay as float32: 1e39 is finite in float64, inf in float32
     alpha = check_real(alpha, "alpha", dtype=np.float32)
@@ -215,6 +216,6 @@ def apply_update(param: torch.Tensor, delta: torch.Tensor, *, fmt: Optional[Unio
         raise ValueError("delta holds inf or NaN (check_finite=True); nothing was updated")
     args = fmt.op_args(saturate=bool(saturate), rand_bits=rand_bits or 0)
     counts, mass = ops.apply_update(param, delta, master, compensation, args, m,
-                                    SUM_MODES.index(sum), float(np.float32(alpha)),
+                                    SUM_MODES.index(sum_mode), float(np.float32(alpha)),
                                     float(np.float32(decay)), seed_, offset_, step, bool(stats))
     return UpdateStats.from_op(counts, mass) if stats else None

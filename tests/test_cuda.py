@@ -101,7 +101,7 @@ def test_apply_update_matches_cpu(fmt, mode, policy, summ):
     results = []
     for dev in ("cpu", "cuda"):
         p = w.clone().to(dtype).to(dev)  # a copy: .to() of the same dtype/device aliases w
-        kw = dict(mode=mode, seed=3, offset=11, step=4, alpha=-0.5, decay=0.999, sum=summ)
+        kw = dict(mode=mode, seed=3, offset=11, step=4, alpha=-0.5, decay=0.999, sum_mode=summ)
         if policy == "master":
             kw["master"] = (w + torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-6).to(dev)
         if policy == "kahan":
@@ -201,7 +201,7 @@ def test_apply_update_many_blocks_match_cpu(fmt, mode, policy):
     out = []
     for dev in ("cpu", "cuda"):
         p = w.clone().to(fmt.torch_dtype).to(dev)
-        kw = dict(mode=mode, seed=5, offset=3, step=2, decay=0.999, sum="exact")
+        kw = dict(mode=mode, seed=5, offset=3, step=2, decay=0.999, sum_mode="exact")
         if policy == "kahan":
             kw["compensation"] = torch.zeros_like(p)
         s = gatesim.apply_update(p, d.to(dev), **kw)

@@ -82,3 +82,56 @@ def test_python_and_cpp_derive_the_same_constants(fmt):
 def test_format_values_fit_float32(fmt):
     assert math.isfinite(np.float32(fmt.max_finite))
     assert float(np.float32(fmt.min_subnormal)) == fmt.min_subnormal
+
+
+@pytest.mark.parametrize("fmt,ref", NAMED_WITH_REF, ids=lambda v: str(v))
+def test_bit_facts_classify_every_pattern_as_the_reference_decodes_it(fmt, ref):
+    """inf_code / nan_code / sign_bit / magnitude_mask against ml_dtypes' decoding of every
+    bit pattern (fp32: every exponent with a spread of mantissas)."""
+    w = fmt.bits
+    if w <= 16:
+        pats = np.arange(1 << w, dtype=np.uint64)
+    else:
+        rng = np.random.default_rng(0)
+        exps = np.repeat(np.arange(256, dtype=np.uint64), 64)
+        mants = rng.integers(0, 1 << 23, exps.size, dtype=np.uint64)
+        mants[::64] = 0
+        mants[1::64] = 1
+        mants[2::64] = (1 << 23) - 1
+        pats = (exps << np.uint64(23)) | mants
+        pats = np.concatenate([pats, pats | np.uint64(1 << 31)])
+    with np.errstate(invalid="ignore"):
+        vals = pats.astype(f"u{w // 8}").view(ref).astype(np.float64)
+    mag = pats & np.uint64(fmt.magnitude_mask)
+    assert fmt.sign_bit | fmt.magnitude_mask == (1 << w) - 1
+    np.testing.assert_array_equal(np.isnan(vals), mag >= fmt.nan_code)
+    if fmt.inf_code is None:
+        assert not np.isinf(vals).any()
+    else:
+        np.testing.assert_array_equal(np.isinf(vals), mag == fmt.inf_code)
+    np.testing.assert_array_equal(np.signbit(vals) & ~np.isnan(vals),
+                                  ((pats & np.uint64(fmt.sign_bit)) != 0) & ~np.isnan(vals))
+
+
+def test_storage_and_view_dtypes():
+    for fmt in gatesim.FORMATS.values():
+        t = torch.zeros(3, dtype=fmt.storage_dtype)
+        assert fmt.storage_dtype == (fmt.torch_dtype or torch.float32)
+        assert t.view(fmt.view_dtype).dtype == fmt.view_dtype      # same width
+        assert fmt.view_dtype.is_signed and not fmt.view_dtype.is_floating_point
+    from gatesim.formats import STORAGE_DTYPES
+    assert STORAGE_DTYPES == (torch.float32, torch.bfloat16, torch.float16,
+                              torch.float8_e4m3fn, torch.float8_e5m2)
+    assert Format(3, 2).storage_dtype is torch.float32
+    assert Format(3, 2).view_dtype is torch.int32
+
+
+def test_bit_facts_of_formats_without_a_torch_dtype():
+    f = Format(3, 2)                       # e3m2: IEEE specials at exponent 0b111
+    assert (f.bits, f.sign_bit, f.magnitude_mask) == (6, 0x20, 0x1F)
+    assert (f.inf_code, f.nan_code) == (0x1C, 0x1D)
+    g = Format(3, 2, inf=False)            # top exponent neither finite nor infinite
+    assert (g.inf_code, g.nan_code) == (None, 0x1C)
+    h = Format(3, 2, inf=False, nan="fn")  # only the all-ones pattern is NaN
+    assert (h.inf_code, h.nan_code) == (None, 0x1F)
+    assert h.max_finite == math.ldexp(1.5, h.emax)    # 0x1E, just below nan_code

@@ -139,8 +139,8 @@ d = torch.randn(70_001) * 1e-5; d[::13] = 0.0; d[::37] = x[:70_001:37]
 p0 = m.to(torch.bfloat16); p0[::41] = x[:70_001:41].to(torch.bfloat16)
 for mode in ("nearest_even", "stochastic"):
     for kw in (dict(master=m.clone()), dict(), dict(compensation=torch.zeros_like(p0)),
-               dict(master=m.clone(), alpha=-0.5, decay=0.99), dict(sum="fp32"), dict(stats=False),
-               dict(compensation=torch.zeros_like(p0), sum="fp32"),
+               dict(master=m.clone(), alpha=-0.5, decay=0.99), dict(sum_mode="fp32"), dict(stats=False),
+               dict(compensation=torch.zeros_like(p0), sum_mode="fp32"),
                dict(compensation=torch.zeros_like(p0), alpha=-0.5, decay=0.99)):
         p = p0.clone()
         st = gatesim.apply_update(p, d, mode=mode, seed=3, **kw)
@@ -151,7 +151,7 @@ for mode in ("nearest_even", "stochastic"):
 for sum_mode in ("exact", "fp32"):
     for decay in (1.0, 0.99999):
         p = m.clone()
-        st = gatesim.apply_update(p, d, decay=decay, sum=sum_mode)
+        st = gatesim.apply_update(p, d, decay=decay, sum_mode=sum_mode)
         h.update(p.numpy().tobytes()); h.update(repr(st).encode())
 print(gatesim.cpu_isa(), h.hexdigest())
 """

@@ -336,9 +336,9 @@ def test_what_if_weights_equal_independent_replay():
     near, sr, mp = start.clone(), start.clone(), start.clone()
     master = start.float().clone()
     for s, u in enumerate(us):
-        gatesim.apply_update(near, u, sum="fp32")
+        gatesim.apply_update(near, u, sum_mode="fp32")
         gatesim.apply_update(sr, u, mode="stochastic", seed=7, offset=offset, step=s,
-                             sum="fp32")
+                             sum_mode="fp32")
         gatesim.apply_update(mp, u, master=master)
     assert torch.equal(bits(t.what_if_weights(name, "near")["param"]), bits(near))
     assert torch.equal(bits(t.what_if_weights(name, "sr")["param"]), bits(sr))

@@ -24,7 +24,7 @@ def run_both(p32, d, fmt, mode, policy, sum_mode, alpha, decay, seed, offset, st
     dtype = fmt.torch_dtype if (as_dtype and fmt.torch_dtype is not None) else torch.float32
     param = torch.from_numpy(p32.copy()).to(dtype) if dtype != torch.float32 else \
         torch.from_numpy(p32.copy())
-    kw = dict(fmt=fmt, mode=mode, alpha=alpha, decay=decay, sum=sum_mode, seed=seed,
+    kw = dict(fmt=fmt, mode=mode, alpha=alpha, decay=decay, sum_mode=sum_mode, seed=seed,
               offset=offset, step=step)
     m_t = c_t = None
     if policy == "master":
@@ -245,7 +245,7 @@ def test_bf16_storage_unit_fast_path_equals_twin(data, n):
     sum_mode = data.draw(st.sampled_from(SUM_MODES))
     param = torch.from_numpy(p32.copy()).to(torch.bfloat16)
     with np.errstate(all="ignore"):
-        stats = gatesim.apply_update(param, torch.from_numpy(d), sum=sum_mode, stats=stats_on)
+        stats = gatesim.apply_update(param, torch.from_numpy(d), sum_mode=sum_mode, stats=stats_on)
         pn, _, _, counts, mass = ref.apply_update(
             p32, d, np.zeros(n, np.float32), np.zeros(n, np.float32), ref.STORAGE,
             np.array(fmt.op_args(), dtype=np.int64), mode_index("nearest_even"),
@@ -359,7 +359,7 @@ def test_stochastic_rounding_of_the_exact_sum_is_unbiased():
     assert abs(ups - n * frac) <= 5 * sigma + 1
     assert s.changed == ups and s.sum_differs == ups  # fp32-sum SR would never move
     p2 = torch.ones(n, dtype=torch.bfloat16)
-    s2 = gatesim.apply_update(p2, d, mode="stochastic", seed=3, sum="fp32")
+    s2 = gatesim.apply_update(p2, d, mode="stochastic", seed=3, sum_mode="fp32")
     assert s2.changed == 0 and s2.absorbed == n
 
 
@@ -421,7 +421,7 @@ def test_nonfinite_inputs_are_counted_or_refused():
     (lambda p, d: gatesim.apply_update(p, d, master=d.clone(), compensation=p.clone()),
      ValueError, "not both"),
     (lambda p, d: gatesim.apply_update(p, d, fmt="fp16"), TypeError, "does not match"),
-    (lambda p, d: gatesim.apply_update(p, d, sum="double"), ValueError, "sum must be"),
+    (lambda p, d: gatesim.apply_update(p, d, sum_mode="double"), ValueError, "sum_mode must be"),
     (lambda p, d: gatesim.apply_update(p, d, mode="stochastic"), ValueError, "seed is required"),
     (lambda p, d: gatesim.apply_update(p, d, step=-1), ValueError, "step"),
     (lambda p, d: gatesim.apply_update(p, d, alpha=math.nan), ValueError, "alpha"),
@@ -516,3 +516,44 @@ def test_stats_to_host_keeps_every_bit():
         assert torch.equal(c, counts)
         assert mm.view(torch.int64).item() == mass.view(torch.int64).item()
         assert UpdateStats.from_op(c, mm) == UpdateStats.from_op(counts, mass)
+
+
+def test_sum_keyword_still_works_with_a_deprecation_warning():
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(1000, generator=g) * 1e-3
+    new, old = torch.ones(1000, dtype=torch.bfloat16), torch.ones(1000, dtype=torch.bfloat16)
+    s_new = gatesim.apply_update(new, d, mode="stochastic", seed=3, sum_mode="fp32")
+    with pytest.warns(DeprecationWarning, match="sum_mode"):
+        s_old = gatesim.apply_update(old, d, mode="stochastic", seed=3, sum="fp32")
+    assert torch.equal(new.view(torch.int16), old.view(torch.int16)) and s_new == s_old
+    with pytest.raises(TypeError, match="both sum= and sum_mode="):
+        gatesim.apply_update(old, d, sum="fp32", sum_mode="exact")
+
+
+def test_update_stats_equality_compares_fields_by_name():
+    from gatesim.stat_layout import HIST_BINS, STAT_FIELDS
+    base = UpdateStats(n=10, changed=3, absorbed=2, zero=1, absorbed_mass=0.5,
+                       hist=list(range(HIST_BINS)))
+    assert base == UpdateStats(**{**base.__dict__, "hist": list(base.hist)})
+    for f in STAT_FIELDS:
+        assert base != UpdateStats(**{**base.__dict__, f: getattr(base, f) + 1}), f
+    assert base != UpdateStats(**{**base.__dict__, "absorbed_mass": 0.25})
+    assert base != UpdateStats(**{**base.__dict__, "hist": [0] * HIST_BINS})
+    nan = UpdateStats(absorbed_mass=math.nan)
+    assert nan == UpdateStats(absorbed_mass=math.nan)       # NaN masses count as equal
+
+
+def test_stat_layout_is_the_ops_layout():
+    """The statistics vector of the op has the length gatesim.stat_layout gives it, and the
+    fake kernel (torch.compile's view of the op) agrees."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from gatesim.stat_layout import HIST_BINS, N_STATS
+    p, d = torch.ones(8, dtype=torch.bfloat16), torch.full((8,), 1e-3)
+    args = (None, None, gatesim.BF16.op_args(), 0, 0, 1.0, 1.0, 0, 0, 0, True)
+    counts, _ = torch.ops.gatesim.apply_update(p, d, *args)
+    assert counts.shape == (N_STATS,)
+    with FakeTensorMode() as mode:
+        fc, _ = torch.ops.gatesim.apply_update(mode.from_tensor(p), mode.from_tensor(d), *args)
+    assert tuple(fc.shape) == (N_STATS,)
+    assert len(UpdateStats().hist) == HIST_BINS == len(gatesim.update.HIST_EDGES_LOG2) + 1
+
