@@ -233,7 +233,8 @@ def test_expert_index_and_map():
 
 
 # -------------------------------------------------------------------------------------
-# matrix metrics: the diff's fast versions give the metrics' numbers exactly
+# matrix metrics: the metrics' cores (which the diff calls) give the public functions'
+# numbers exactly
 # -------------------------------------------------------------------------------------
 from gatesim.diff import matrix as dm  # noqa: E402
 
@@ -244,7 +245,7 @@ def test_select_mask_equals_metrics_with_ties(alpha, largest):
     g = torch.Generator().manual_seed(3)
     s = torch.randint(0, 7, (3000,), generator=g).to(torch.float64)   # heavy ties
     s[::5] = torch.rand(600, generator=g, dtype=torch.float64)
-    got = dm.select_mask(s.numpy().copy(), alpha, largest)
+    got = gm.select_core(s.numpy().copy(), alpha, largest)
     want = (gm.top_alpha if largest else gm.bottom_alpha)(s, alpha)
     assert np.array_equal(got, want.numpy())
 
@@ -260,11 +261,11 @@ def test_matrix_metrics_equal_metrics(dtype):
     W1.view(-1)[:10] = -0.0                                 # +0 -> -0: not an update
     k, alpha = 16, 0.05
     s0, s1 = gm.compute_svd(W0), gm.compute_svd(W1)
-    upd = dm.update_mask_bits(W0, W1)
+    upd = gm.update_mask_core(W0, W1)
     assert np.array_equal(upd, gm.update_mask(W0, W1).reshape(-1).numpy())
-    princ = dm.principal_mask(s0, k, alpha)
+    princ = gm.principal_mask_core(s0, k, alpha)
     assert np.array_equal(princ, gm.principal_mask(W0, k, alpha, svd0=s0).reshape(-1).numpy())
-    low = dm.low_magnitude_mask(W0, alpha)
+    low = gm.low_magnitude_mask_core(W0, alpha)
     want_low = gm.low_magnitude_mask(W0, alpha)
     assert np.array_equal(low, want_low.reshape(-1).numpy())
     ov = dm.overlaps(upd, princ, low)
@@ -273,8 +274,8 @@ def test_matrix_metrics_equal_metrics(dtype):
     assert ov["overlap_principal"] == gm.overlap(U, P)
     assert ov["overlap_low"] == gm.overlap(U, want_low)
     assert ov["overlap_principal_not_low"] == gm.overlap_excluding(U, P, want_low)
-    assert dm.nss(s0, s1) == gm.nss(W0, W1, svd0=s0, svd1=s1)
-    a, b = dm.principal_angles(s0, s1, k), gm.principal_angles(W0, W1, k, svd0=s0, svd1=s1)
+    assert gm.nss_core(s0.S, s1.S) == gm.nss(W0, W1, svd0=s0, svd1=s1)
+    a, b = gm.principal_angles_core(s0, s1, k), gm.principal_angles(W0, W1, k, svd0=s0, svd1=s1)
     assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
     e, normF = dm.energy_normF(W0, W1, s0, k)
     ref = gm.update_energy(W0, W1, k, svd0=s0)

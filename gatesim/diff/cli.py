@@ -32,7 +32,7 @@ def add_diff_parser(subparsers) -> argparse.ArgumentParser:
         description="Compare a base and a tuned checkpoint tensor by tensor: bitwise,\n"
                     "relative-probe and atol sparsity, ULP distances, non-finite counts, and\n"
                     "for matrices NSS, principal angles and mask overlaps with their random\n"
-                    "baselines (definitions: ../shared/SCIENCE.md).",
+                    "baselines (definitions: docs/metrics.md).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="base checkpoint: HF folder (sharded safetensors + index, "
                                 "model.safetensors, pytorch_model*.bin) or a file")

@@ -11,7 +11,7 @@ Each worker reads its own two tensors from the validated byte ranges, so nothing
 map, ``base_name``, ``tuned_name``, ``status``, ``layer``, ``module``, ``param``, ``expert``,
 ``shape``, ``dtype``...), then
 
-* sparsity, SCIENCE.md "Update sparsity": ``changed`` (entries whose stored bits differ;
+* sparsity, docs/metrics.md "Update sparsity": ``changed`` (entries whose stored bits differ;
   +0 == -0, NaN never equal) and ``sparsity_bitwise = 1 - changed / numel``;
   ``changed_relative`` / ``sparsity_relative`` (the paper's probe, ``eta``);
   ``changed_atol`` / ``sparsity_atol`` (Mukherjee et al., ``atol``); ``update_density``
@@ -45,7 +45,7 @@ a small part of the space); ``k=`` fixes it (capped at ``min(m, n)``). Default
 singular value and the top-``k`` vectors from a direct eigendecomposition of the smaller
 Gram matrix, no sampling (see its docstring for the accuracy, which the tests check against
 a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compute_svd`
-(about 5..15x slower here). Randomized SVD is not offered (SCIENCE.md, "Randomized SVD
+(about 5..15x slower here). Randomized SVD is not offered (docs/metrics.md, "Randomized SVD
 warning").
 
 **Output and resume** (``out=``): ``config.json`` (both inputs' absolute paths, every
@@ -91,8 +91,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-import gatesim
-import gatesim.metrics as gm
 from gatesim.checks import check_bool, check_fields, check_int, check_real
 from gatesim.integrity import checksum_tensor, checksum_tensors_async
 from gatesim.diff.errors import ResumeError
@@ -101,15 +99,17 @@ from gatesim.diff.names import MapLike, apply_map, parse_map, parse_name
 from gatesim.diff.resume import check_out, init_out, make_config, verify_stored
 from gatesim.diff.scan import sparsity_fast
 from gatesim.executor import Executor, ResultStore, make_executor, show_status
+from gatesim.formats import FORMATS, STORAGE_DTYPES
+from gatesim.metrics.sparsity import DEFAULT_ATOL, DEFAULT_ETA, sparsity
+from gatesim.precision import to_dtype
 
 __all__ = ["diff", "diff_tensor", "tensor_checksums", "DiffOptions", "TensorTask",
            "DiffResult", "COLUMNS", "TIMING_COLUMNS",
            "default_k", "pair_tensors", "CASTS", "SVD_METHODS"]
 
-CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CASTS = {name: FORMATS[name].torch_dtype for name in ("bf16", "fp16", "fp32")}
 SVD_METHODS = ("gram", "full")
-_SPECTRAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
-                    torch.float8_e5m2, torch.float64)
+_SPECTRAL_DTYPES = STORAGE_DTYPES + (torch.float64,)
 
 COLUMNS = (
     "name", "base_name", "tuned_name", "status", "layer", "module", "param", "expert",
@@ -148,8 +148,8 @@ class DiffOptions:
 
     k: Optional[int] = None
     alpha: float = 0.05
-    eta: float = gm.DEFAULT_ETA
-    atol: float = gm.DEFAULT_ATOL[0]
+    eta: float = DEFAULT_ETA
+    atol: float = DEFAULT_ATOL[0]
     sparsity_only: bool = False
     bitwise_only: bool = False
     cast: Optional[str] = None
@@ -212,7 +212,7 @@ def _cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
         return x
     if target == torch.float32:
         return x.to(torch.float32)      # exact from bf16/fp16/fp8; RNE from float64
-    return gatesim.to_dtype(x.to(torch.float32).contiguous(), target)
+    return to_dtype(x.to(torch.float32).contiguous(), target)
 
 
 def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOptions, *,
@@ -237,12 +237,13 @@ def _sparsity_block(row: dict, W0: torch.Tensor, W1: torch.Tensor, o: DiffOption
         row["note"] = _add(row.get("note"), f"{W0.dtype} pairs get bitwise sparsity only")
     if W0.dtype == torch.float32 and not o.bitwise_only:
         same = n - c.n_diff - c.eq_nan         # identical non-NaN bits stay identical
-        for tag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for tag in ("bf16", "fp16"):
+            dt = CASTS[tag]
             eq = one = 0
             if c.n_diff:
-                ca = gatesim.to_dtype(c.changed_a.contiguous(), dt)
-                cb = gatesim.to_dtype(c.changed_b.contiguous(), dt)
-                s = gm.sparsity(ca, cb, atol=())
+                ca = to_dtype(c.changed_a.contiguous(), dt)
+                cb = to_dtype(c.changed_b.contiguous(), dt)
+                s = sparsity(ca, cb, atol=())
                 eq, one = s.counts["bitwise"], s.ulp_hist[1]
             row[f"if_{tag}_changed"] = n - (same + eq)
             row[f"if_{tag}_sparsity"] = (same + eq) / n
@@ -482,8 +483,8 @@ def _split_timing(result: dict) -> tuple[dict, dict]:
 
 def diff(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike],
          out: Union[str, os.PathLike, None] = None, *, map: MapLike = None,
-         k: Optional[int] = None, alpha: float = 0.05, eta: float = gm.DEFAULT_ETA,
-         atol: float = gm.DEFAULT_ATOL[0], sparsity_only: bool = False,
+         k: Optional[int] = None, alpha: float = 0.05, eta: float = DEFAULT_ETA,
+         atol: float = DEFAULT_ATOL[0], sparsity_only: bool = False,
          bitwise_only: bool = False, cast: Optional[str] = None, svd: str = "gram",
          max_svd_numel: Optional[int] = None, workers: Optional[int] = 1, threads: int = 1,
          executor: Optional[Executor] = None, progress: bool = True,

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from gatesim.diff._scratch import buffer
-from gatesim.metrics import BaseSVD, compute_svd
+from gatesim.metrics.svd import BaseSVD, compute_svd
 
 __all__ = ["gram_svd", "FALLBACK_RATIO"]
 

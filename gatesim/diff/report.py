@@ -270,7 +270,7 @@ def write_report(path, df, summary, base, tuned, rules, opts, figs: dict,
           f"probe); atol = {opts.atol}; cast = {opts.cast or 'none (as stored)'}"]
     if seconds is not None:
         L.append(f"- wall time: {seconds:.1f} s")
-    L += ["", "Definitions: ../shared/SCIENCE.md. Bitwise sparsity = fraction of entries with "
+    L += ["", "Definitions: docs/metrics.md. Bitwise sparsity = fraction of entries with "
           "identical stored bits (+0 == -0, NaN never equal); relative probe "
           "|w1-w0| <= eta*max(|w0|,|w1|); atol |w1-w0| <= atol (over-reports sparsity for "
           "small weights). Every overlap is next to its random baseline, the update density.",

@@ -19,10 +19,10 @@ bin 0, so only the gathered pairs go through :func:`gatesim.metrics.sparsity`, a
 parts are added. With ``bitwise_only`` the gather and the finer metrics are skipped: the
 pass then only counts (the fast "bitwise-sparsity-only" mode).
 
-Definitions are SCIENCE.md's ("Update sparsity, bitwise"): +0 and -0 are equal, NaN never
-equals anything. Integer and bool tensors compare bits only (no zero or NaN rule); float64
-tensors get the bitwise count and the non-finite counts but no relative/atol/ULP metrics
-(:mod:`gatesim.metrics` does not take float64).
+Definitions are those of docs/metrics.md ("Update sparsity, bitwise"): +0 and -0 are
+equal, NaN never equals anything. Integer and bool tensors compare bits only (no zero or
+NaN rule); float64 tensors get the bitwise count and the non-finite counts but no
+relative/atol/ULP metrics (:mod:`gatesim.metrics` does not take float64).
 """
 from __future__ import annotations
 
@@ -33,24 +33,19 @@ import numba
 import numpy as np
 import torch
 
-import gatesim.metrics as gm
+from gatesim.formats import STORAGE_DTYPES, as_format, int_view_dtype
+from gatesim.metrics.sparsity import DEFAULT_ATOL, DEFAULT_ETA, sparsity, ulp_bin_labels
 
-__all__ = ["ScanCounts", "scan", "sparsity_fast", "FLOAT_LAYOUTS"]
+__all__ = ["ScanCounts", "scan", "sparsity_fast"]
 
-#: dtype -> (integer view, magnitude mask, infinity magnitude (-1: none), first NaN magnitude)
-FLOAT_LAYOUTS = {
-    torch.float64: (torch.int64, (1 << 63) - 1, 0x7FF0000000000000, 0x7FF0000000000001),
-    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000, 0x7F800001),
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80, 0x7F81),
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00, 0x7C01),
-    torch.float8_e5m2: (torch.int8, 0x7F, 0x7C, 0x7D),
-    torch.float8_e4m3fn: (torch.int8, 0x7F, -1, 0x7F),
-}
+#: float64 has no :class:`gatesim.Format` (its 11 exponent bits do not fit inside fp32), so
+#: its bit facts are given here: (integer view, magnitude mask, infinity magnitude, first
+#: NaN magnitude). Every other float dtype takes them from its Format.
+_FLOAT64_BITS = (torch.int64, (1 << 63) - 1, 0x7FF0000000000000, 0x7FF0000000000001)
 #: Elements per pass of :func:`gatesim.metrics.sparsity`'s chunked torch path (its
 #: temporaries are about 100 bytes per element, so 2**19 keeps them near 50 MB); its numba
 #: CPU path makes no temporaries.
 CHUNK = 1 << 19
-_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -117,37 +112,10 @@ def _quick_words(wa, wb, lane_bits, block, spec_add):
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_count(a, b, magmask, inf_mag, nan_from, is_float):
-    n_diff = 0
-    zero_diff = 0
-    nan_a = 0
-    inf_a = 0
-    nan_b = 0
-    inf_b = 0
-    eq_nan = 0
-    eq_inf = 0
-    for i in range(a.size):
-        x = np.int64(a[i])
-        y = np.int64(b[i])
-        d = x != y
-        n_diff += d
-        if is_float:
-            mx = x & magmask
-            my = y & magmask
-            zero_diff += d & (((x | y) & magmask) == 0)
-            na = mx >= nan_from
-            ia = mx == inf_mag
-            nan_a += na
-            inf_a += ia
-            nan_b += my >= nan_from
-            inf_b += my == inf_mag
-            eq_nan += (not d) & na
-            eq_inf += (not d) & ia
-    return n_diff, zero_diff, nan_a, inf_a, nan_b, inf_b, eq_nan, eq_inf
-
-
-@numba.njit(cache=True, nogil=True)
-def _scan_gather(a, b, magmask, inf_mag, nan_from, is_float, out_a, out_b):
+def _scan_pass(a, b, magmask, inf_mag, nan_from, is_float, gather, out_a, out_b):
+    """The per-element counts (module docstring); with ``gather``, the pairs whose bits
+    differ are copied to the front of ``out_a``/``out_b``. Returns ``(n_diff, zero_diff,
+    nan_a, inf_a, nan_b, inf_b, eq_nan, eq_inf)``; ``n_diff`` is the number gathered."""
     w = 0
     zero_diff = 0
     nan_a = 0
@@ -162,8 +130,9 @@ def _scan_gather(a, b, magmask, inf_mag, nan_from, is_float, out_a, out_b):
         x = np.int64(xa)
         y = np.int64(yb)
         d = x != y
-        out_a[w] = xa          # branch-free gather: always write, advance when changed
-        out_b[w] = yb
+        if gather:             # loop-invariant: compiled as two loops, one without it
+            out_a[w] = xa      # branch-free gather: always write, advance when changed
+            out_b[w] = yb
         w += d
         if is_float:
             mx = x & magmask
@@ -178,25 +147,6 @@ def _scan_gather(a, b, magmask, inf_mag, nan_from, is_float, out_a, out_b):
             eq_nan += (not d) & na
             eq_inf += (not d) & ia
     return w, zero_diff, nan_a, inf_a, nan_b, inf_b, eq_nan, eq_inf
-
-
-@numba.njit(cache=True, nogil=True)
-def _update_mask(a, b, magmask, out):
-    for i in range(a.size):
-        x = np.int64(a[i])
-        y = np.int64(b[i])
-        out[i] = (x != y) & (((x | y) & magmask) != 0)
-
-
-def update_mask_flat(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Flat bool array: stored bits differ and not both zero (+0 == -0). NaN pairs are
-    not special-cased: use on finite tensors (the bitwise ``M_update``)."""
-    view, magmask, *_ = _layout(a.dtype, a.element_size())
-    ia = a.contiguous().reshape(-1).view(view).numpy()
-    ib = b.contiguous().reshape(-1).view(view).numpy()
-    out = np.empty(ia.size, dtype=np.bool_)
-    _update_mask(ia, ib, magmask if a.is_floating_point() else -1, out)
-    return out
 
 
 @dataclasses.dataclass
@@ -226,12 +176,18 @@ class ScanCounts:
 
 
 def _layout(dtype: torch.dtype, itemsize: int):
-    lay = FLOAT_LAYOUTS.get(dtype)
-    if lay is not None:
-        return lay[0], lay[1], lay[2], lay[3], True
-    view = _INT_VIEWS.get(itemsize)
-    if view is None:
-        raise TypeError(f"cannot compare bit patterns of dtype {dtype}")
+    """(integer view, magnitude mask, infinity magnitude (-1: none), first NaN magnitude,
+    is a float) of a dtype; integer and bool dtypes compare bits only."""
+    if dtype in STORAGE_DTYPES:
+        f = as_format(dtype)
+        inf = f.inf_code
+        return f.view_dtype, f.magnitude_mask, -1 if inf is None else inf, f.nan_code, True
+    if dtype == torch.float64:
+        return (*_FLOAT64_BITS, True)
+    try:
+        view = int_view_dtype(itemsize)
+    except TypeError:
+        raise TypeError(f"cannot compare bit patterns of dtype {dtype}") from None
     return view, 0, -1, 1 << 62, False
 
 
@@ -290,14 +246,14 @@ def scan(a: torch.Tensor, b: torch.Tensor, *, gather: bool = True,
                 settled = sign_only == 0 and big < special
             if settled:
                 return ScanCounts(n, int(nd), 0, 0, 0, 0, 0, 0, 0, checksums=cks)
-        c = _scan_count(ia, ib, magmask, inf_mag, nan_from, is_float)
+        c = _scan_pass(ia, ib, magmask, inf_mag, nan_from, is_float, False, ia[:0], ib[:0])
         return ScanCounts(n, *(int(x) for x in c), checksums=cks)
     npv = ia.dtype
     if out_a is None or out_a.size < n or out_a.dtype != npv:
         out_a = np.empty(max(n, 1), dtype=npv)
     if out_b is None or out_b.size < n or out_b.dtype != npv:
         out_b = np.empty(max(n, 1), dtype=npv)
-    c = _scan_gather(ia, ib, magmask, inf_mag, nan_from, is_float, out_a, out_b)
+    c = _scan_pass(ia, ib, magmask, inf_mag, nan_from, is_float, True, out_a, out_b)
     w = int(c[0])
     ca = torch.from_numpy(out_a[:w]).view(a.dtype)
     cb = torch.from_numpy(out_b[:w]).view(a.dtype)
@@ -319,16 +275,15 @@ class FastSparsity:
     ulp_labels: Optional[tuple]
 
 
-def sparsity_fast(a: torch.Tensor, b: torch.Tensor, *, eta: float = gm.DEFAULT_ETA,
-                  atol: float = gm.DEFAULT_ATOL[0], bitwise_only: bool = False,
+def sparsity_fast(a: torch.Tensor, b: torch.Tensor, *, eta: float = DEFAULT_ETA,
+                  atol: float = DEFAULT_ATOL[0], bitwise_only: bool = False,
                   out_a: Optional[np.ndarray] = None,
                   out_b: Optional[np.ndarray] = None, checksums: bool = False) -> FastSparsity:
     """Counts equal to :func:`gatesim.metrics.sparsity` on the whole pair (module
     docstring). ``relative_equal``, ``atol_equal`` and ``ulp_hist`` are None with
     ``bitwise_only`` or for dtypes :mod:`gatesim.metrics` does not take. ``checksums``:
     see :func:`scan` (``counts.checksums``; None where the pass could not compute them)."""
-    full = not bitwise_only and a.dtype in (torch.float32, torch.bfloat16, torch.float16,
-                                            torch.float8_e4m3fn, torch.float8_e5m2)
+    full = not bitwise_only and a.dtype in STORAGE_DTYPES
     c = scan(a, b, gather=full, out_a=out_a, out_b=out_b, checksums=checksums and not full)
     nan_pairs = c.eq_nan
     inf_pairs = c.eq_inf
@@ -338,9 +293,9 @@ def sparsity_fast(a: torch.Tensor, b: torch.Tensor, *, eta: float = gm.DEFAULT_E
         return FastSparsity(c, c.bitwise_equal, None, None, nan_pairs, inf_pairs, None, None)
     same = c.n - c.n_diff - c.eq_nan            # identical, non-NaN bits
     width = a.element_size() * 8
-    labels = gm.ulp_bin_labels(width)
+    labels = ulp_bin_labels(width)
     if c.n_diff:
-        sub = gm.sparsity(c.changed_a, c.changed_b, eta=eta, atol=(atol,), chunk=CHUNK)
+        sub = sparsity(c.changed_a, c.changed_b, eta=eta, atol=(atol,), chunk=CHUNK)
         if sub.counts["bitwise"] != c.zero_diff:   # the two definitions must agree
             raise AssertionError(f"bitwise count of the changed pairs {sub.counts['bitwise']} "
                                  f"!= zero pairs {c.zero_diff}")

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from gatesim.formats import int_view_dtype
+
 __all__ = ["ShardWriter", "save_sharded", "qwen2_shapes", "write_planted_pair", "QWEN2_1_5B"]
 
 #: Qwen2-1.5B: hidden 1536, intermediate 8960, 28 layers, 2 KV heads of 128 (k/v 256 rows),
@@ -130,7 +132,7 @@ def write_planted_pair(base_dir, tuned_dir, shapes: Iterable[tuple], *,
     wt = ShardWriter(tuned_dir, shard_bytes=shard_bytes)
     for name, shape in shapes:
         b, t = _planted(shape, dtype, gen, density, rel)
-        view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]
+        view = int_view_dtype(b.element_size())
         ib, it = b.view(view), t.view(view)
         mag = (1 << (8 * b.element_size() - 1)) - 1
         both_zero = ((ib & mag) == 0) & ((it & mag) == 0)

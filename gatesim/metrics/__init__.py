@@ -1,7 +1,16 @@
 """The papers' measurements of an update ``W0 -> W1``, each next to its random baseline.
 
-Every formula is the one in ``../shared/SCIENCE.md`` ("Definitions"); each function's
-docstring names its section. Works on torch tensors, CPU or CUDA.
+Every formula is the one in docs/metrics.md; each function's docstring names its section.
+Works on torch tensors, CPU or CUDA.
+
+**Checked functions and fast cores.** Each public function checks its arguments (types,
+shapes, devices, finiteness) and then calls its metric's core, which computes the same
+numbers without checks, on the representation the checkpoint diff already holds
+(decompositions, numpy masks, reused buffers): :func:`update_mask_core`,
+:func:`nss_core`, :func:`principal_angles_core`, :func:`select_core` (Top/Bottom_alpha),
+:func:`principal_mask_core`, :func:`low_magnitude_mask_core`, :func:`overlap_core`,
+:func:`overlap_excluding_core`. A core trusts its caller: pass it what the public function
+would have accepted.
 
 * Sparsity (:mod:`~gatesim.metrics.sparsity`): :func:`sparsity` (bitwise, relative probe,
   absolute tolerance, ULP histogram in one :class:`SparsityResult`), :func:`update_mask`,
@@ -32,15 +41,18 @@ Example::
 """
 from gatesim.metrics.batch import compare, table
 from gatesim.metrics.masks import (Jaccard, Overlap, bottom_alpha, jaccard, jaccard_baseline,
-                                   low_magnitude_mask, overlap, overlap_excluding,
-                                   principal_mask, random_mask, select_count, top_alpha)
+                                   low_magnitude_mask, low_magnitude_mask_core, overlap,
+                                   overlap_core, overlap_excluding, overlap_excluding_core,
+                                   principal_mask, principal_mask_core, random_mask,
+                                   select_core, select_count, top_alpha)
 from gatesim.metrics.sparsity import (DEFAULT_ATOL, DEFAULT_ETA, SparsityResult, sparsity,
                                       ulp_bin_edges, ulp_bin_labels, ulp_distance,
-                                      ulp_histogram, ulp_keys, update_mask)
+                                      ulp_histogram, ulp_keys, update_mask, update_mask_core)
 from gatesim.metrics.similarity import Cosine, cosine, cosine_baseline_sd
 from gatesim.metrics.spectral import (Energy, PrincipalAngles, SpectralResult,
-                                      effective_rank, energy_baseline, nss, principal_angles,
-                                      spectral, stable_rank, subspace_angles, update_energy)
+                                      effective_rank, energy_baseline, nss, nss_core,
+                                      principal_angles, principal_angles_core, spectral,
+                                      stable_rank, subspace_angles, update_energy)
 from gatesim.metrics.svd import (DEFAULT_CACHE, BaseSVD, SVDCache, base_svd, clear_svd_cache,
                                  compute_svd, singular_values)
 
@@ -56,4 +68,6 @@ __all__ = [
     "overlap", "overlap_excluding", "Overlap", "jaccard", "jaccard_baseline", "Jaccard",
     "random_mask", "cosine", "cosine_baseline_sd", "Cosine",
     "compare", "table",
+    "update_mask_core", "nss_core", "principal_angles_core", "select_core",
+    "principal_mask_core", "low_magnitude_mask_core", "overlap_core", "overlap_excluding_core",
 ]

@@ -9,10 +9,8 @@ import torch
 
 from gatesim.checks import is_int, is_real  # numpy scalars are numbers, bool is not
 
-#: Storage dtypes the sparsity functions accept (their bit patterns are compared).
+#: Dtypes torch.isfinite takes (fp8 does not).
 _ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-SPARSITY_DTYPES = (torch.float32, torch.bfloat16, torch.float16,
-                   torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def check_tensor(x, name: str) -> torch.Tensor:

@@ -25,8 +25,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["counts_table", "counts_f32", "changed_table", "changed_f32", "decode_table",
-           "unsigned_numpy", "BLOCK", "PARALLEL_MIN"]
+__all__ = ["counts_table", "counts_f32", "changed_table", "changed_f32", "changed_bits",
+           "decode_table", "unsigned_numpy", "BLOCK", "PARALLEL_MIN"]
 
 BLOCK = 1 << 16
 #: Below this many elements the serial kernels run (a parallel launch costs more).
@@ -181,6 +181,19 @@ def changed_f32(a, b, fa, fb, nan_from, rule, eta, atol, out):
     f(a, b, fa, fb, nan_from, rule, eta, atol, out)
 
 
+@njit(cache=True, nogil=True)
+def changed_bits(a, b, magmask, nan_from, out):
+    """The bitwise rule from the integer views alone (no decode table, no values): changed
+    when the bits differ and not both are zeros (+0 == -0), or either side is NaN
+    (magnitude ``>= nan_from``). ``a``, ``b`` signed or unsigned views of one width."""
+    for i in range(a.size):
+        x = np.int64(a[i])
+        y = np.int64(b[i])
+        mx = x & magmask
+        my = y & magmask
+        out[i] = ((x != y) & ((mx | my) != 0)) | (mx >= nan_from) | (my >= nan_from)
+
+
 _TABLES: dict = {}
 
 
@@ -191,10 +204,8 @@ def decode_table(dtype, view_dtype, width: int) -> np.ndarray:
     t = _TABLES.get(dtype)
     if t is None:
         pats = torch.arange(1 << width, dtype=torch.int64)
-        if view_dtype == torch.uint8:
-            raw = pats.to(torch.uint8)
-        else:  # int16: wrap the upper half to negative values, same bits
-            raw = torch.where(pats >= (1 << (width - 1)), pats - (1 << width), pats).to(view_dtype)
+        # signed view: wrap the upper half to negative values, same bits
+        raw = torch.where(pats >= (1 << (width - 1)), pats - (1 << width), pats).to(view_dtype)
         t = raw.view(dtype).to(torch.float64).numpy()
         _TABLES[dtype] = t
     return t
@@ -203,5 +214,5 @@ def decode_table(dtype, view_dtype, width: int) -> np.ndarray:
 def unsigned_numpy(x, view_dtype, width: int) -> np.ndarray:
     """The unsigned bit patterns of a contiguous CPU tensor as a numpy array (no copy)."""
     a = x.reshape(-1).view(view_dtype).numpy()
-    return a.view({8: np.uint8, 16: np.uint16, 32: np.uint32}[width])
+    return a.view(np.dtype(f"uint{width}"))
 

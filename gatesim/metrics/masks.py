@@ -1,6 +1,6 @@
 """Weight masks and their overlaps, each next to the value chance would give.
 
-Definitions (``../shared/SCIENCE.md``, "Principal weights", "Cross-run consistency"):
+Definitions (docs/metrics.md, "Principal weights", "Cross-run consistency"):
 
 * principal weights ``M_princ = Top_alpha(|W0^(k)|)``: the ``alpha`` fraction of entries
   with the largest magnitude in the rank-``k`` SVD reconstruction
@@ -26,16 +26,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from gatesim.metrics._checks import check_alpha, check_k, check_mask, check_matrix
 from gatesim.metrics.svd import BaseSVD, base_svd
 
+#: ``buffer(slot, shape, dtype)`` of the cores: where a temporary lives (a fresh tensor by
+#: default; the checkpoint diff passes per-process buffers reused between matrices).
+Buffer = Callable[[str, tuple, torch.dtype], torch.Tensor]
+_TORCH_FLOAT = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+
 __all__ = ["select_count", "top_alpha", "bottom_alpha", "principal_mask",
            "low_magnitude_mask", "Overlap", "overlap", "overlap_excluding", "Jaccard",
-           "jaccard", "jaccard_baseline", "random_mask"]
+           "jaccard", "jaccard_baseline", "random_mask",
+           "select_core", "principal_mask_core", "low_magnitude_mask_core", "overlap_core",
+           "overlap_excluding_core", "Buffer"]
 
 
 def select_count(alpha: float, n: int) -> int:
@@ -43,6 +51,35 @@ def select_count(alpha: float, n: int) -> int:
     ``max(1, floor(alpha * n + 1/2))``."""
     alpha = check_alpha(alpha)
     return max(1, min(n, int(math.floor(alpha * n + 0.5))))
+
+
+def _fresh(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The default ``buffer`` of the cores: a new uninitialised tensor (``slot`` names the
+    temporary, for callers that keep buffers between calls)."""
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+def select_core(scores: np.ndarray, alpha: float, largest: bool, *,
+                buffer: Buffer = _fresh) -> np.ndarray:
+    """Core of :func:`top_alpha` (``largest``) / :func:`bottom_alpha`, unchecked: the flat
+    bool mask of the ``select_count(alpha, n)`` largest (smallest) of the finite flat numpy
+    ``scores`` (float32 or float64), ties to the lower index. The threshold comes from
+    numpy's introselect (about 3x ``torch.kthvalue``) on a copy in ``buffer("partition",
+    ...)``; ``scores`` is not modified."""
+    n = scores.size
+    c = select_count(alpha, n)
+    if c == n:
+        return np.ones(n, dtype=bool)
+    kth = n - c if largest else c - 1          # 0-based position in ascending order
+    part = buffer("partition", (n,), _TORCH_FLOAT[scores.dtype]).numpy()
+    np.copyto(part, scores)
+    part.partition(kth)
+    t = part[kth]
+    out = scores > t if largest else scores < t
+    rest = c - int(np.count_nonzero(out))
+    if rest > 0:                               # ties at the threshold: lowest indices first
+        out[np.flatnonzero(scores == t)[:rest]] = True
+    return out
 
 
 def _select(scores: torch.Tensor, alpha: float, largest: bool, name: str) -> torch.Tensor:
@@ -55,18 +92,18 @@ def _select(scores: torch.Tensor, alpha: float, largest: bool, name: str) -> tor
     flat = scores.detach().reshape(-1).to(torch.float64)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError(f"{name} holds NaN or inf; Top/Bottom_alpha needs finite scores")
+    alpha = check_alpha(alpha)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(select_core(flat.numpy(), alpha, largest)).reshape(scores.shape)
+    # CUDA: the same rule with torch ops: the c-th value in selection order, then strict
+    # winners, then ties by lowest index
     n = flat.numel()
     c = select_count(alpha, n)
     out = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if c == n:
         return out.fill_(True).reshape(scores.shape)
-    # the c-th value in selection order, then strict winners, then ties by lowest index
-    pos = n - c if largest else c - 1          # 0-based position in ascending order
-    if flat.device.type == "cpu":              # numpy's introselect: ~3x torch.kthvalue
-        import numpy as np
-        t = float(np.partition(flat.numpy(), pos)[pos])
-    else:
-        t = torch.kthvalue(flat, pos + 1).values
+    pos = n - c if largest else c - 1
+    t = torch.kthvalue(flat, pos + 1).values
     strict = flat > t if largest else flat < t
     out |= strict
     rest = c - int(strict.sum())
@@ -88,10 +125,21 @@ def bottom_alpha(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return _select(scores, alpha, False, "scores")
 
 
+def principal_mask_core(svd0: BaseSVD, k: int, alpha: float, *,
+                        buffer: Buffer = _fresh) -> np.ndarray:
+    """Core of :func:`principal_mask`, unchecked, for a CPU decomposition: the flat bool
+    ``Top_alpha(|W0^(k)|)``, ``W0^(k) = U_k diag(S_k) V_k^T`` computed in float64 as
+    :meth:`BaseSVD.reconstruct` computes it, into ``buffer("magnitude", ...)``."""
+    U, S, Vh = svd0.top(k)
+    rec = buffer("magnitude", svd0.shape, torch.float64)
+    torch.mm(U * S, Vh, out=rec)
+    return select_core(rec.abs_().reshape(-1).numpy(), alpha, True, buffer=buffer)
+
+
 def principal_mask(W0: torch.Tensor, k: int, alpha: float, *,
                    svd0: Optional[BaseSVD] = None) -> torch.Tensor:
     """``M_princ = Top_alpha(|W0^(k)|)``, ``W0^(k)`` the rank-``k`` SVD reconstruction
-    (SCIENCE.md, "Principal weights"); the SVD is ``svd0`` or the cached exact one."""
+    (docs/metrics.md, "Principal weights"); the SVD is ``svd0`` or the cached exact one."""
     check_matrix(W0, "W0")
     check_k(k, *W0.shape)
     alpha = check_alpha(alpha)
@@ -102,12 +150,29 @@ def principal_mask(W0: torch.Tensor, k: int, alpha: float, *,
     elif tuple(svd0.shape) != tuple(W0.shape):
         raise ValueError(f"svd0 is the SVD of a {svd0.shape[0]}x{svd0.shape[1]} matrix, W0 "
                          f"is {W0.shape[0]}x{W0.shape[1]}")
+    if svd0.U.device.type == "cpu":
+        return torch.from_numpy(principal_mask_core(svd0, k, alpha)).reshape(W0.shape)
     return top_alpha(svd0.reconstruct(k).abs_(), alpha)
 
 
+def low_magnitude_mask_core(W0: torch.Tensor, alpha: float, *,
+                            buffer: Buffer = _fresh) -> np.ndarray:
+    """Core of :func:`low_magnitude_mask`, unchecked, for a finite CPU matrix: the flat
+    bool ``Bottom_alpha(|W0|)``. Magnitudes are compared in float32 for formats of at most
+    32 bits (exact, so the same order and ties as float64), in float64 otherwise, in
+    ``buffer("magnitude", ...)``."""
+    dt = torch.float64 if W0.element_size() > 4 else torch.float32
+    mag = buffer("magnitude", (W0.numel(),), dt)
+    mag.copy_(W0.reshape(-1)).abs_()
+    return select_core(mag.numpy(), alpha, False, buffer=buffer)
+
+
 def low_magnitude_mask(W0: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``M_low = Bottom_alpha(|W0|)`` (SCIENCE.md, "Low-magnitude weights")."""
+    """``M_low = Bottom_alpha(|W0|)`` (docs/metrics.md, "Low-magnitude weights")."""
     check_matrix(W0, "W0")
+    alpha = check_alpha(alpha)
+    if W0.device.type == "cpu":
+        return torch.from_numpy(low_magnitude_mask_core(W0.detach(), alpha)).reshape(W0.shape)
     return bottom_alpha(W0.detach().to(torch.float64).abs(), alpha)
 
 
@@ -141,16 +206,41 @@ class Overlap:
         return out
 
 
+def _count(x) -> int:
+    """True entries of a bool numpy array or tensor (``numpy.count_nonzero`` on CPU: a torch
+    ``bool.sum()`` ran at 0.13 G elements/s here)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            return int(x.sum())
+        x = x.numpy()
+    return int(np.count_nonzero(x))
+
+
+def overlap_core(update, mask) -> Overlap:
+    """Core of :func:`overlap`, unchecked: bool numpy arrays or tensors of one shape."""
+    n = update.size if isinstance(update, np.ndarray) else update.numel()
+    size = _count(mask)
+    cnt = _count(update & mask)
+    p = _count(update) / n if n else math.nan
+    return Overlap(cnt / size if size else math.nan, p, cnt, size)
+
+
+def overlap_excluding_core(update, mask, exclude) -> Overlap:
+    """Core of :func:`overlap_excluding`, unchecked: bool numpy arrays or tensors of one
+    shape."""
+    r = overlap_core(update, mask & ~exclude)
+    out_x = ~exclude
+    nx = _count(out_x)
+    r.cond_baseline = _count(update & out_x) / nx if nx else math.nan
+    return r
+
+
 def overlap(update: torch.Tensor, mask: torch.Tensor) -> Overlap:
     """``|update & mask| / |mask|`` and its random baseline ``|update| / N``
-    (SCIENCE.md, "Overlap(M_update, M)")."""
+    (docs/metrics.md, "Overlap(M_update, M)")."""
     check_mask(update, "update")
     check_mask(mask, "mask", update, "update")
-    n = update.numel()
-    size = int(mask.sum())
-    cnt = int((update & mask).sum())
-    p = int(update.sum()) / n if n else math.nan
-    return Overlap(cnt / size if size else math.nan, p, cnt, size)
+    return overlap_core(update, mask)
 
 
 def overlap_excluding(update: torch.Tensor, mask: torch.Tensor,
@@ -162,17 +252,12 @@ def overlap_excluding(update: torch.Tensor, mask: torch.Tensor,
     check_mask(update, "update")
     check_mask(mask, "mask", update, "update")
     check_mask(exclude, "exclude", update, "update")
-    keep = mask & ~exclude
-    r = overlap(update, keep)
-    out_x = ~exclude
-    nx = int(out_x.sum())
-    r.cond_baseline = int((update & out_x).sum()) / nx if nx else math.nan
-    return r
+    return overlap_excluding_core(update, mask, exclude)
 
 
 def jaccard_baseline(p: float, q: float) -> float:
     """``E[J] = pq / (p + q - pq)`` of two independent Bernoulli masks of densities ``p``,
-    ``q`` (SCIENCE.md, "Cross-run consistency"); NaN when both are 0."""
+    ``q`` (docs/metrics.md, "Cross-run consistency"); NaN when both are 0."""
     den = p + q - p * q
     return p * q / den if den > 0 else math.nan
 
@@ -195,7 +280,7 @@ class Jaccard:
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> Jaccard:
     """Jaccard index of two update masks with its independent-Bernoulli baseline
-    (SCIENCE.md, "Cross-run consistency of update masks"). NaN when both are empty."""
+    (docs/metrics.md, "Cross-run consistency of update masks"). NaN when both are empty."""
     check_mask(a, "a")
     check_mask(b, "b", a, "a")
     n = a.numel()

@@ -1,6 +1,6 @@
 """Update sparsity between two checkpoints of one tensor, three ways, and ULP distances.
 
-Definitions (``../shared/SCIENCE.md``, "Definitions"):
+Definitions (docs/metrics.md, "Definitions"):
 
 * **bitwise** (the paper's "bf16-aware" sparsity, Zhu et al. 2511.08567): the fraction of
   entries whose stored bits are identical in ``w0`` and ``w1``; +0 and -0 count as equal,
@@ -50,11 +50,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from gatesim.metrics._checks import SPARSITY_DTYPES, check_pair, check_positive
+from gatesim.formats import STORAGE_DTYPES, Format, as_format
+from gatesim.metrics._checks import check_pair, check_positive
 
 __all__ = ["SparsityResult", "sparsity", "update_mask", "ulp_keys", "ulp_distance",
            "ulp_histogram", "ulp_bin_edges", "ulp_bin_labels", "DEFAULT_ETA",
-           "DEFAULT_ATOL", "DEFAULT_CHUNK", "RULES"]
+           "DEFAULT_ATOL", "DEFAULT_CHUNK", "RULES", "update_mask_core"]
 
 DEFAULT_ETA = 1e-3
 DEFAULT_ATOL = (1e-5,)
@@ -63,31 +64,13 @@ DEFAULT_CHUNK = 1 << 21
 RULES = ("bitwise", "relative", "atol")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Bit layout of a storage dtype: width, the view dtype, and the NaN/inf magnitudes."""
-
-    width: int
-    view: torch.dtype
-    nan_from: int          # magnitude >= nan_from is NaN
-    inf: Optional[int]     # magnitude of infinity (None: no infinity)
-
-
-_LAYOUTS = {
-    torch.float32: _Layout(32, torch.int32, 0x7F800001, 0x7F800000),
-    torch.bfloat16: _Layout(16, torch.int16, 0x7F81, 0x7F80),
-    torch.float16: _Layout(16, torch.int16, 0x7C01, 0x7C00),
-    torch.float8_e5m2: _Layout(8, torch.uint8, 0x7D, 0x7C),
-    torch.float8_e4m3fn: _Layout(8, torch.uint8, 0x7F, None),   # OCP fn: only S.1111.111 is NaN
-}
-
-
-def _layout(dtype: torch.dtype, name: str) -> _Layout:
-    lay = _LAYOUTS.get(dtype)
-    if lay is None:
+def _layout(dtype: torch.dtype, name: str) -> Format:
+    """The format stored in ``dtype``: its width (``bits``), bit view (``view_dtype``) and
+    first NaN magnitude (``nan_code``) are what the passes below use."""
+    if dtype not in STORAGE_DTYPES:
         raise TypeError(f"{name} has dtype {dtype}; sparsity and ULP distances need one of "
-                        f"{[str(d) for d in SPARSITY_DTYPES]}")
-    return lay
+                        f"{[str(d) for d in STORAGE_DTYPES]}")
+    return as_format(dtype)
 
 
 def ulp_bin_edges(width: int) -> tuple[int, ...]:
@@ -104,16 +87,16 @@ def ulp_bin_labels(width: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _bits(x: torch.Tensor, lay: _Layout) -> torch.Tensor:
+def _bits(x: torch.Tensor, lay: Format) -> torch.Tensor:
     """Unsigned bit patterns as int64."""
-    u = x.view(lay.view).to(torch.int64)
-    return u & ((1 << lay.width) - 1)
+    u = x.view(lay.view_dtype).to(torch.int64)
+    return u & (lay.sign_bit | lay.magnitude_mask)
 
 
-def _keys_from_bits(u: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _keys_from_bits(u: torch.Tensor, lay: Format) -> tuple[torch.Tensor, torch.Tensor]:
     """(monotone key, magnitude) of unsigned patterns."""
-    mag = u & ((1 << (lay.width - 1)) - 1)
-    neg = (u >> (lay.width - 1)) != 0
+    mag = u & lay.magnitude_mask
+    neg = (u & lay.sign_bit) != 0
     return torch.where(neg, -mag, mag), mag
 
 
@@ -137,7 +120,7 @@ def ulp_distance(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     k0, m0 = _keys_from_bits(u0, lay)
     k1, m1 = _keys_from_bits(u1, lay)
     d = (k1 - k0).abs()
-    return torch.where((m0 >= lay.nan_from) | (m1 >= lay.nan_from), torch.full_like(d, -1), d)
+    return torch.where((m0 >= lay.nan_code) | (m1 >= lay.nan_code), torch.full_like(d, -1), d)
 
 
 @dataclasses.dataclass
@@ -214,14 +197,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
-def _chunk_eq(a: torch.Tensor, b: torch.Tensor, lay: _Layout, eta: float,
+def _chunk_eq(a: torch.Tensor, b: torch.Tensor, lay: Format, eta: float,
               atols: Sequence[float], want_hist: bool, edges: Optional[torch.Tensor],
               want_values: bool = True):
     """Per-chunk masks: bitwise-equal, relative-equal, atol-equal list, nan, inf, hist."""
     ua, ub = _bits(a, lay), _bits(b, lay)
     ka, ma = _keys_from_bits(ua, lay)
     kb, mb = _keys_from_bits(ub, lay)
-    nan = (ma >= lay.nan_from) | (mb >= lay.nan_from)
+    nan = (ma >= lay.nan_code) | (mb >= lay.nan_code)
     bit_eq = ((ua == ub) | ((ma == 0) & (mb == 0))) & ~nan
     if not want_values:
         return bit_eq, None, None, nan, None, None
@@ -251,28 +234,28 @@ def _use_numba(x: torch.Tensor, backend: Optional[str]) -> bool:
     return backend == "numba"
 
 
-def _numba_args(w: torch.Tensor, lay: _Layout):
+def _numba_args(w: torch.Tensor, lay: Format):
     from gatesim.metrics import _sparsity_cpu as k
     w = w.detach().contiguous()
-    bits = k.unsigned_numpy(w, lay.view, lay.width)
-    if lay.width == 32:
+    bits = k.unsigned_numpy(w, lay.view_dtype, lay.bits)
+    if lay.bits == 32:
         return bits, bits.view(np.float32)
-    if lay.width == 8:   # one compiled signature (uint16) for every table format
+    if lay.bits == 8:   # one compiled signature (uint16) for every table format
         bits = bits.astype(np.uint16)
     return bits, None
 
 
-def _sparsity_numba(w0, w1, lay: _Layout, eta: float, atols) -> "SparsityResult":
+def _sparsity_numba(w0, w1, lay: Format, eta: float, atols) -> "SparsityResult":
     from gatesim.metrics import _sparsity_cpu as k
     a, fa = _numba_args(w0, lay)
     b, fb = _numba_args(w1, lay)
     at = np.asarray(atols, dtype=np.float64)
-    nb = len(ulp_bin_edges(lay.width))
-    if lay.width == 32:
-        cnt, hist = k.counts_f32(a, b, fa, fb, lay.nan_from, eta, at, nb)
+    nb = len(ulp_bin_edges(lay.bits))
+    if lay.bits == 32:
+        cnt, hist = k.counts_f32(a, b, fa, fb, lay.nan_code, eta, at, nb)
     else:
-        table = k.decode_table(w0.dtype, lay.view, lay.width)
-        cnt, hist = k.counts_table(a, b, table, lay.width, lay.nan_from, eta, at, nb)
+        table = k.decode_table(w0.dtype, lay.view_dtype, lay.bits)
+        cnt, hist = k.counts_table(a, b, table, lay.bits, lay.nan_code, eta, at, nb)
     n = a.size
     counts = {"bitwise": int(cnt[0]), "relative": int(cnt[1])}
     atol_frac = {}
@@ -283,20 +266,35 @@ def _sparsity_numba(w0, w1, lay: _Layout, eta: float, atols) -> "SparsityResult"
                           relative=counts["relative"] / n, eta=eta, atol=atol_frac,
                           counts=counts, nan_pairs=int(cnt[3]), inf_pairs=int(cnt[2]),
                           ulp_hist=[int(v) for v in hist],
-                          ulp_labels=ulp_bin_labels(lay.width))
+                          ulp_labels=ulp_bin_labels(lay.bits))
 
 
-def _update_mask_numba(w0, w1, lay: _Layout, rule: str, eta: float, atol: float):
+def update_mask_core(w0: torch.Tensor, w1: torch.Tensor) -> np.ndarray:
+    """Core of :func:`update_mask` with the bitwise rule, unchecked: CPU tensors of one
+    storage dtype (:data:`gatesim.formats.STORAGE_DTYPES`) and shape; returns the flat bool
+    numpy mask of changed entries (one serial pass over the integer views)."""
     from gatesim.metrics import _sparsity_cpu as k
+    lay = as_format(w0.dtype)
+    a = w0.detach().contiguous().reshape(-1).view(lay.view_dtype).numpy()
+    b = w1.detach().contiguous().reshape(-1).view(lay.view_dtype).numpy()
+    out = np.empty(a.size, dtype=np.bool_)
+    k.changed_bits(a, b, lay.magnitude_mask, lay.nan_code, out)
+    return out
+
+
+def _update_mask_numba(w0, w1, lay: Format, rule: str, eta: float, atol: float):
+    from gatesim.metrics import _sparsity_cpu as k
+    if rule == "bitwise":
+        return torch.from_numpy(update_mask_core(w0, w1)).reshape(w0.shape)
     a, fa = _numba_args(w0, lay)
     b, fb = _numba_args(w1, lay)
     out = np.empty(a.size, dtype=np.bool_)
     r = RULES.index(rule)
-    if lay.width == 32:
-        k.changed_f32(a, b, fa, fb, lay.nan_from, r, eta, atol, out)
+    if lay.bits == 32:
+        k.changed_f32(a, b, fa, fb, lay.nan_code, r, eta, atol, out)
     else:
-        table = k.decode_table(w0.dtype, lay.view, lay.width)
-        k.changed_table(a, b, table, lay.width, lay.nan_from, r, eta, atol, out)
+        table = k.decode_table(w0.dtype, lay.view_dtype, lay.bits)
+        k.changed_table(a, b, table, lay.bits, lay.nan_code, r, eta, atol, out)
     return torch.from_numpy(out).reshape(w0.shape)
 
 
@@ -305,7 +303,7 @@ def sparsity(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = DEFAULT_ETA,
              chunk: int = DEFAULT_CHUNK, backend: Optional[str] = None) -> SparsityResult:
     """Update sparsity of ``w0 -> w1`` by every definition, plus the ULP-distance histogram.
 
-    Formulas (SCIENCE.md, "Update sparsity, bitwise" and "... absolute tolerance"):
+    Formulas (docs/metrics.md, "Update sparsity, bitwise" and "... absolute tolerance"):
     ``bitwise = #{bits(w0) == bits(w1) or both +-0, neither NaN} / n``;
     ``relative = #{w0 == w1 or |w1 - w0| <= eta * max(|w0|, |w1|)} / n`` (both finite for
     the inequality); ``atol[t] = #{w0 == w1 or |w1 - w0| <= t} / n``. Values compare in
@@ -337,7 +335,7 @@ def sparsity(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = DEFAULT_ETA,
         return _sparsity_numba(w0, w1, lay, eta, atols)
     a, b = _flat(w0), _flat(w1)
     dev = w0.device
-    edges = torch.tensor(ulp_bin_edges(lay.width), dtype=torch.int64, device=dev)
+    edges = torch.tensor(ulp_bin_edges(lay.bits), dtype=torch.int64, device=dev)
     z = lambda: torch.zeros((), dtype=torch.int64, device=dev)  # noqa: E731
     c_bit, c_rel, c_nan, c_inf = z(), z(), z(), z()
     c_atol = [z() for _ in atols]
@@ -360,7 +358,7 @@ def sparsity(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = DEFAULT_ETA,
     return SparsityResult(n=n, dtype=str(w0.dtype), bitwise=counts["bitwise"] / n,
                           relative=counts["relative"] / n, eta=eta, atol=atol_frac,
                           counts=counts, nan_pairs=int(c_nan), inf_pairs=int(c_inf),
-                          ulp_hist=hist.tolist(), ulp_labels=ulp_bin_labels(lay.width))
+                          ulp_hist=hist.tolist(), ulp_labels=ulp_bin_labels(lay.bits))
 
 
 def ulp_histogram(w0: torch.Tensor, w1: torch.Tensor, *,

@@ -1,6 +1,6 @@
 """Spectral metrics of an update ``W0 -> W1`` (``Delta = W1 - W0``), each with its source.
 
-Definitions from ``../shared/SCIENCE.md`` ("Definitions"), in float64 on the exactly
+Definitions from docs/metrics.md ("Definitions"), in float64 on the exactly
 converted stored values; every SVD comes from :func:`gatesim.metrics.base_svd` (exact and
 cached by default; see :mod:`gatesim.metrics.svd`):
 
@@ -36,7 +36,7 @@ from gatesim.metrics.svd import BaseSVD, base_svd, compute_svd, singular_values
 
 __all__ = ["nss", "principal_angles", "subspace_angles", "update_energy", "energy_baseline",
            "effective_rank", "stable_rank", "spectral", "PrincipalAngles", "Energy",
-           "SpectralResult", "singular_values"]
+           "SpectralResult", "singular_values", "nss_core", "principal_angles_core"]
 
 
 def _pair(W0, W1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def _svd_arg(svd: Optional[BaseSVD], W: torch.Tensor, name: str) -> Optional[Bas
 def nss(W0: torch.Tensor, W1: torch.Tensor, *, svd0: Optional[BaseSVD] = None,
         svd1: Optional[BaseSVD] = None) -> float:
     """Normalized spectral shift ``||sigma(W1) - sigma(W0)||_2 / ||sigma(W0)||_2``
-    (SCIENCE.md, "Normalized spectral shift").
+    (docs/metrics.md, "Normalized spectral shift").
 
     With randomized ``svd0``/``svd1`` only their top ``q`` values enter (both sides use
     the same count, the smaller of the two).
@@ -71,6 +71,16 @@ def nss(W0: torch.Tensor, W1: torch.Tensor, *, svd0: Optional[BaseSVD] = None,
     _pair(W0, W1)
     s0 = singular_values(W0, svd=_svd_arg(svd0, W0, "svd0"))
     s1 = singular_values(W1, svd=_svd_arg(svd1, W1, "svd1"))
+    return nss_core(s0, s1)
+
+
+def nss_core(s0: torch.Tensor, s1: torch.Tensor) -> float:
+    """Core of :func:`nss`, unchecked: NSS from the two spectra (descending float64 singular
+    values; over the first ``min`` of their lengths).
+
+    Raises:
+        ValueError: ``s0`` is all zero (``W0 = 0``).
+    """
     r = min(s0.numel(), s1.numel())
     s0, s1 = s0[:r], s1[:r].to(s0.device)
     den = torch.linalg.vector_norm(s0)
@@ -103,7 +113,7 @@ def subspace_angles(Q0: torch.Tensor, Q1: torch.Tensor) -> torch.Tensor:
 class PrincipalAngles:
     """Principal angles (degrees, ascending) between top-``k`` singular subspaces of W0
     and W1: ``left`` for ``U``, ``right`` for ``V``; ``left_max``/``right_max`` the
-    largest (SCIENCE.md, "Principal angles ...")."""
+    largest (docs/metrics.md, "Principal angles ...")."""
 
     k: int
     left: torch.Tensor
@@ -128,7 +138,7 @@ def principal_angles(W0: torch.Tensor, W1: torch.Tensor, k: int, *,
                      svd0: Optional[BaseSVD] = None,
                      svd1: Optional[BaseSVD] = None) -> PrincipalAngles:
     """All ``k`` principal angles between the top-``k`` left singular subspaces of ``W0``
-    and ``W1``, and between the right ones (SCIENCE.md: ``cos(theta_i) =
+    and ``W1``, and between the right ones (docs/metrics.md: ``cos(theta_i) =
     sigma_i(U0_k^T U1_k)``, likewise ``V``), in degrees, ascending; see
     :func:`subspace_angles` for the numerics.
 
@@ -140,8 +150,14 @@ def principal_angles(W0: torch.Tensor, W1: torch.Tensor, k: int, *,
     check_k(k, m, n)
     s0 = _svd_arg(svd0, W0, "svd0") or base_svd(W0, name="W0")
     s1 = _svd_arg(svd1, W1, "svd1") or base_svd(W1, name="W1")
-    U0, _, V0h = s0.top(k)
-    U1, _, V1h = s1.top(k)
+    return principal_angles_core(s0, s1, k)
+
+
+def principal_angles_core(svd0: BaseSVD, svd1: BaseSVD, k: int) -> PrincipalAngles:
+    """Core of :func:`principal_angles`, unchecked: the angles from the two decompositions
+    (of matrices of one shape, each keeping at least ``k`` singular vectors)."""
+    U0, _, V0h = svd0.top(k)
+    U1, _, V1h = svd1.top(k)
     return PrincipalAngles(k, subspace_angles(U0, U1).cpu(),
                            subspace_angles(V0h.T, V1h.T).cpu())
 
@@ -171,7 +187,7 @@ def _delta(W0: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
 def update_energy(W0: torch.Tensor, W1: torch.Tensor, k: int, *,
                   svd0: Optional[BaseSVD] = None) -> Energy:
     """``||U0_k^T Delta V0_k||_F^2 / ||Delta||_F^2`` with ``Delta = W1 - W0`` and its random
-    baseline ``(k/m)(k/n)`` (SCIENCE.md, "Energy of an update in the top-k subspace").
+    baseline ``(k/m)(k/n)`` (docs/metrics.md, "Energy of an update in the top-k subspace").
     NaN for a zero update."""
     _pair(W0, W1)
     m, n = W0.shape
@@ -282,9 +298,10 @@ def spectral(W0: torch.Tensor, W1: torch.Tensor, k: int, *, method: str = "exact
     else:
         sD = torch.zeros(1, dtype=torch.float64)
     r = min(s0.S.numel(), s1.S.numel())
-    den = torch.linalg.vector_norm(s0.S[:r])
-    nss_v = float(torch.linalg.vector_norm(s1.S[:r] - s0.S[:r]) / den) if den > 0 \
-        else math.nan
+    try:
+        nss_v = nss_core(s0.S, s1.S)
+    except ValueError:           # W0 = 0: spectral() reports NaN instead of raising
+        nss_v = math.nan
     norm2 = float(sD[0])
     gap = float(s0.S[k - 1] - s0.S[k]) if k < s0.S.numel() else math.nan
     wden = float(s1.S[k - 1] - s0.S[k]) if k < s0.S.numel() else math.nan

@@ -19,7 +19,7 @@ float64's (~1e-16) is not. CUDA tensors use torch on the device.
 
 **Randomized path** (``method="randomized"``): Halko, Martinsson & Tropp (2011), Alg. 4.4,
 randomized subspace iteration with a QR after every product, a seeded Gaussian test matrix
-(``torch.Generator``), float64. SCIENCE.md ("Randomized SVD warning"): with ``q = k + 10``
+(``torch.Generator``), float64. docs/metrics.md ("Randomized SVD warning"): with ``q = k + 10``
 and ``niter = 2`` principal-weight masks of real trained matrices were only 43%..69% right,
 so ``q >= 2k`` and ``niter >= 8`` are enforced; ``unsafe=True`` lifts the guard
 explicitly. Every randomized result carries its error estimate:
@@ -192,11 +192,11 @@ def randomized_settings(k, q, niter, m: int, n: int, unsafe: bool) -> tuple[int,
     if not unsafe:
         if q < 2 * k:
             raise ValueError(f"q={q} < 2k={2 * k}: randomized SVD needs q >= 2k and niter >= "
-                             f"{MIN_NITER} (SCIENCE.md, 'Randomized SVD warning'); pass "
+                             f"{MIN_NITER} (docs/metrics.md, 'Randomized SVD warning'); pass "
                              "unsafe=True to override")
         if niter < MIN_NITER:
             raise ValueError(f"niter={niter} < {MIN_NITER}: randomized SVD needs q >= 2k and "
-                             f"niter >= {MIN_NITER} (SCIENCE.md, 'Randomized SVD warning'); "
+                             f"niter >= {MIN_NITER} (docs/metrics.md, 'Randomized SVD warning'); "
                              "pass unsafe=True to override")
     return k, q, niter
 
@@ -337,7 +337,7 @@ def base_svd(W: torch.Tensor, *, method: str = "exact", k: Optional[int] = None,
 
 def singular_values(W: torch.Tensor, *, svd: Optional[BaseSVD] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
-    """All singular values of ``W``, descending, float64 (``sigma(W)`` of SCIENCE.md).
+    """All singular values of ``W``, descending, float64 (``sigma(W)`` of docs/metrics.md).
 
     Uses ``svd`` (or a cached exact :func:`base_svd` of ``W``) when one is there;
     otherwise computes values only (``gesdd`` without vectors, much cheaper than a full
