@@ -1,7 +1,7 @@
 """Masks and overlaps (gatesim.metrics.masks) against numpy formulas and the null model.
 
 References: Top/Bottom_alpha by a full ``np.lexsort`` on (score, index); principal masks
-from numpy's SVD; overlaps and Jaccard as the set formulas of SCIENCE.md in numpy.
+from numpy's SVD; overlaps and Jaccard as the set formulas of docs/metrics.md in numpy.
 """
 import math
 

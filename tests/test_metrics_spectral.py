@@ -1,8 +1,8 @@
 """Spectral metrics (gatesim.metrics.spectral) against scipy/numpy and perturbation theory.
 
 References are independent: numpy's LAPACK (OpenBLAS) SVDs, ``scipy.linalg.subspace_angles``
-and the formulas of SCIENCE.md written out in numpy. Property tests check the bounds every
-update must satisfy (SCIENCE.md, "Bounds"): Weyl, Mirsky and Wedin, on gatesim's own
+and the formulas of docs/metrics.md written out in numpy. Property tests check the bounds every
+update must satisfy (docs/metrics.md, "Bounds"): Weyl, Mirsky and Wedin, on gatesim's own
 singular values and angles.
 
 Tolerances: float64 SVDs are backward stable, so singular values carry absolute errors of
@@ -11,7 +11,7 @@ a small multiple of ``eps * sigma_1`` (eps = 2.2e-16); the bounds are checked wi
 from two different LAPACKs differ by about ``eps * sigma_1 / gap_k`` radians, which sets
 the angle tolerance.
 
-Wedin: SCIENCE.md states ``sin(theta_max) <= ||D||_2 / gamma_k`` with
+Wedin: docs/metrics.md states ``sin(theta_max) <= ||D||_2 / gamma_k`` with
 ``gamma_k = sigma_k - sigma_{k+1}`` of W0. That is the first-order form and it is *false*
 for updates comparable to the gap (``test_science_wedin_form_counterexample``: W0 =
 diag(1, 0.6), D = diag(-0.21, 0.21) swaps the top singular vector, sin = 1 > 0.21/0.4).

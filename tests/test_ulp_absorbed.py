@@ -1,4 +1,4 @@
-"""gatesim.ulp and gatesim.absorbed against the twin and the definitions of SCIENCE.md."""
+"""gatesim.ulp and gatesim.absorbed against the twin and the definitions of docs/metrics.md."""
 import math
 
 import numpy as np
