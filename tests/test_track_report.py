@@ -86,7 +86,7 @@ def test_backends_agree_on_large_tensors_and_thread_counts():
 def test_fp16_decode_exhaustive():
     """The numba kernel decodes every fp16 bit pattern to the fp32 bits torch gives (NaNs: a
     NaN)."""
-    from gatesim._tracking_kernels import _f16_to_f32_bits
+    from gatesim.tracking._observed_kernel import _f16_to_f32_bits
     import numba
 
     @numba.njit

@@ -31,8 +31,9 @@ the answer position (:mod:`gatesim.lab.model`). Per step, ``batch`` training pro
 * ``"sft"``: cross-entropy of the correct candidate on the same prompts.
 
 **Precision** (``precision``, a policy name of :mod:`gatesim.policy`; the older spelling
-``bf16_master`` is read as ``bf16+master``): ``"bf16+master"`` (default; bf16 parameters from fp32 master
-weights, as mixed-precision trainers store ``bf16(master)``), ``"bf16"`` (pure bf16 storage,
+``bf16_master`` is read as ``bf16+master``): ``"bf16+master"`` (default; bf16 parameters
+from fp32 master weights, as mixed-precision trainers store ``bf16(master)``), ``"bf16"``
+(pure bf16 storage,
 round to nearest) or ``"fp32"``. With ``optimizer="emulated"`` (default) the step is
 :class:`gatesim.optim.EmulatedAdamW` under the matching :class:`~gatesim.policy.PrecisionPolicy`:
 parameters stay float32 tensors holding values on the storage grid, so the forward and
