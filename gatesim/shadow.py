@@ -41,13 +41,16 @@ class ShadowWeights:
             dtype (half the memory for bf16; formats without a torch dtype are held in fp32
             either way).
         keep_initial: keep a copy of the starting storage for :meth:`stored_initial`.
+        sum_stats: add every step's statistics to :attr:`total` (the tracker, which keeps
+            its own sums, turns it off: the addition would cost on every step).
     """
 
     __slots__ = ("policy", "fmt", "seed", "offset", "weights", "master", "compensation",
                  "initial", "total")
 
     def __init__(self, policy, w0: torch.Tensor, *, seed: Optional[int] = None,
-                 offset: int = 0, hold_in_fp32: bool = False, keep_initial: bool = False):
+                 offset: int = 0, hold_in_fp32: bool = False, keep_initial: bool = False,
+                 sum_stats: bool = True):
         self.policy = PrecisionPolicy.parse(policy)
         self.fmt: Format = self.policy.storage_format(as_format(w0.dtype, "w0 dtype"))
         self.seed = self.policy.seed if seed is None else seed
@@ -62,18 +65,19 @@ class ShadowWeights:
         self.master = x.clone() if self.policy.master else None
         self.compensation = torch.zeros_like(self.weights) if self.policy.kahan else None
         self.initial = self.weights.clone() if keep_initial else None
-        self.total = UpdateStats()
+        self.total: Optional[UpdateStats] = UpdateStats() if sum_stats else None
 
     def apply(self, delta: torch.Tensor, alpha: float = 1.0, decay: float = 1.0,
               step: int = 0) -> UpdateStats:
         """Applies ``alpha * delta`` (and ``decay``) to the storage; returns the step's
-        statistics (also added to :attr:`total`)."""
+        statistics (also added to :attr:`total`, unless built with ``sum_stats=False``)."""
         p = self.policy
         st = apply_update(self.weights, delta, fmt=self.fmt, mode=p.mode, master=self.master,
                           compensation=self.compensation, alpha=alpha, decay=decay, sum=p.sum,
                           seed=self.seed if p.stochastic else None, offset=self.offset,
                           step=step)
-        self.total = self.total + st
+        if self.total is not None:
+            self.total = self.total + st
         return st
 
     def _in_dtype(self, t: torch.Tensor) -> torch.Tensor:

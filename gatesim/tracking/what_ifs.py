@@ -45,4 +45,5 @@ def parse_what_ifs(what_if) -> dict[str, PrecisionPolicy]:
 
 def what_if_storage(what_ifs: dict, p: torch.Tensor, offset: int) -> dict[str, ShadowWeights]:
     """Fresh storage of every what-if for parameter ``p`` (stream positions from ``offset``)."""
-    return {label: ShadowWeights(pol, p, offset=offset) for label, pol in what_ifs.items()}
+    return {label: ShadowWeights(pol, p, offset=offset, sum_stats=False)
+            for label, pol in what_ifs.items()}
