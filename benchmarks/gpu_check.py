@@ -180,10 +180,10 @@ def adam_probe_report(out_dir) -> None:
     import numpy as np
     import torch
 
-    from gatesim.optim import _adam_probe
+    from gatesim.optim import adam_probe
 
     for large in (False, True):
-        (grad, m0, v0), (m_ref, v_ref, d_ref), fused = _adam_probe(torch.device("cuda"), large)
+        (grad, m0, v0), (m_ref, v_ref, d_ref), fused = adam_probe(torch.device("cuda"), large)
         print(f"adam probe (lerp weight {'>=' if large else '<'} 0.5): mismatches of "
               f"exp_avg / exp_avg_sq / direction per variant")
         line = []

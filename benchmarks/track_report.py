@@ -106,9 +106,10 @@ def _hook_breakdown(case: tc.Case) -> dict:
     prof.disable()
     case.opt.zero_grad()
     stats = pstats.Stats(prof).stats
-    want = {"pre": ("tracking.py", "pre"), "replay": ("tracking.py", "_replay"),
-            "post": ("tracking.py", "post"), "stats": ("tracking.py", "_observed"),
-            "emit": ("tracking.py", "_emit"), "what-if": ("update.py", "apply_update"),
+    want = {"pre": ("tracking/replay.py", "pre"), "replay": ("tracking/replay.py", "_replay"),
+            "post": ("tracking/replay.py", "post"),
+            "stats": ("tracking/observed.py", "step_stats"),
+            "emit": ("tracking/output.py", "emit"), "what-if": ("update.py", "apply_update"),
             "optimizer": ("adam.py", "_single_tensor_adam")}
     out = {k: 0.0 for k in want}
     for (file, _, func), (_, _, _, cum, _) in stats.items():

@@ -21,7 +21,6 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Callable, Iterable, Optional, Union
@@ -31,67 +30,14 @@ import torch
 
 from gatesim._ops import ops
 from gatesim.formats import FP32, Format, as_format
-from gatesim.precision import MODES, mode_index, quantize
+from gatesim.policy import PrecisionPolicy
+from gatesim.precision import mode_index, quantize
 from gatesim.update import SUM_MODES, UpdateStats, apply_update
 
-__all__ = ["PrecisionPolicy", "EmulatedSGD", "EmulatedAdam", "EmulatedAdamW"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PrecisionPolicy:
-    """How an emulated optimizer stores what it computes.
-
-    Attributes:
-        param_format: storage format of the parameters (a Format, name or dtype; default
-            None: each parameter's own dtype). A float32 parameter under another format is
-            held as float32 values on the format's grid (rounded to nearest once, when the
-            optimizer is built).
-        master: keep fp32 master weights; the stored parameter is ``R(master)``.
-        state_format: format of the optimizer state (momentum, Adam moments), rounded to
-            nearest even after every update.
-        mode: rounding mode of the stored parameter (nearest_even or stochastic, or any
-            other of :data:`gatesim.MODES`).
-        kahan: Kahan-compensated parameter storage (torch-optimi's scheme); not with master.
-        sum: ``"fp32"`` (default: what PyTorch does, compute in fp32 then round) or
-            ``"exact"`` (round the exact result once); see :mod:`gatesim.update`.
-        seed: Philox seed of stochastic rounding. Parameter i uses stream positions
-            starting at the total size of parameters 0..i-1, and step s stream 2s(+1).
-        torch_math: do the fp32 arithmetic with torch's own kernels (bit-identical to
-            torch.optim on this machine). False replaces the one op that is not correctly
-            rounded on some CPUs, ``torch.sqrt`` of float32, by a correctly rounded sqrt,
-            which makes results machine-independent and equal to the numba twin.
-    """
-
-    param_format: Optional[Union[Format, str, torch.dtype]] = None
-    master: bool = False
-    state_format: Union[Format, str, torch.dtype] = "fp32"
-    mode: str = "nearest_even"
-    kahan: bool = False
-    sum: str = "fp32"
-    seed: int = 0
-    torch_math: bool = True
-
-    def __post_init__(self) -> None:
-        if self.param_format is not None:
-            object.__setattr__(self, "param_format", as_format(self.param_format, "param_format"))
-        object.__setattr__(self, "state_format", as_format(self.state_format, "state_format"))
-        mode_index(self.mode)
-        if self.master and self.kahan:
-            raise ValueError("master and kahan: choose one (Kahan compensates low-precision "
-                             "storage without a master copy)")
-        if self.sum not in SUM_MODES:
-            raise ValueError(f"sum must be one of {SUM_MODES}, got {self.sum!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-
-    def describe(self) -> str:
-        parts = [f"param={self.param_format or 'own dtype'}", f"mode={self.mode}",
-                 f"state={self.state_format}", f"sum={self.sum}"]
-        if self.master:
-            parts.append("master=fp32")
-        if self.kahan:
-            parts.append("kahan")
-        return " ".join(parts)
+# PrecisionPolicy is defined in gatesim.policy; it stays importable from here, where the
+# optimizers that take it live.
+__all__ = ["PrecisionPolicy", "EmulatedSGD", "EmulatedAdam", "EmulatedAdamW", "adam_variant",
+           "adam_probe"]
 
 
 def _sqrt(x: torch.Tensor, torch_math: bool, out: torch.Tensor) -> torch.Tensor:
@@ -135,7 +81,7 @@ def _adam_candidates(device: torch.device) -> list[int]:
     return [v for v in range(64) if (v >> 3) & 3 == 0]
 
 
-def _adam_probe(device: torch.device, large_weight: bool, variants=None):
+def adam_probe(device: torch.device, large_weight: bool, variants=None):
     """Torch's ops and the fused step on the same 69635 values; returns the inputs, torch's
     (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
     benchmarks/gpu_check.py to show which part differs when no variant matches)."""
@@ -185,7 +131,7 @@ def adam_variant(device: torch.device, large_weight: bool = False) -> Optional[i
     found = None
     if device.type in ("cpu", "cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
             "gatesim::adam_step", "CUDA" if device.type == "cuda" else "CPU"):
-        _, (m_ref, v_ref, d_ref), fused = _adam_probe(device, large_weight)
+        _, (m_ref, v_ref, d_ref), fused = adam_probe(device, large_weight)
         for variant, (m, v, p) in fused.items():
             # p == d_ref as values: the stored direction of an exact zero may be +0
             if _same(m, m_ref) and _same(v, v_ref) and torch.equal(p, d_ref):

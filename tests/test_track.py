@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gatesim
-from gatesim.tracking import WhatIf, track
+import gatesim.optim
+from gatesim.policy import PrecisionPolicy
+from gatesim.tracking import track
 from gatesim.update import HIST_EDGES_LOG2
 from gatesim.weights import load_matrix
 
@@ -439,22 +441,22 @@ def test_closure_step_uses_stored_update(tmp_path):
 
 
 def test_what_if_parsing():
-    w = WhatIf.parse("bf16_sr")
-    assert (w.fmt, w.mode, w.master) == (gatesim.BF16, "stochastic", False)
-    w = WhatIf.parse("master")
-    assert w.fmt is None and w.master and w.name == "master"
-    w = WhatIf.parse("fp16_kahan_exact")
-    assert (w.fmt, w.kahan, w.sum) == (gatesim.FP16, True, "exact")
-    w = WhatIf.parse(gatesim.optim.PrecisionPolicy(param_format="e4m3fn", master=True))
-    assert w.name == "e4m3fn_master" and w.fmt == gatesim.E4M3FN
+    w = PrecisionPolicy.parse("bf16_sr")
+    assert (w.param_format, w.mode, w.master) == (gatesim.BF16, "stochastic", False)
+    w = PrecisionPolicy.parse("master")
+    assert w.param_format is None and w.master and w.name == "master"
+    w = PrecisionPolicy.parse("fp16_kahan_exact")
+    assert (w.param_format, w.kahan, w.sum) == (gatesim.FP16, True, "exact")
+    w = PrecisionPolicy.parse(gatesim.optim.PrecisionPolicy(param_format="e4m3fn", master=True))
+    assert w.name == "e4m3fn+master" and w.param_format == gatesim.E4M3FN
     with pytest.raises(ValueError, match="unknown format"):
-        WhatIf.parse("bf17")
+        PrecisionPolicy.parse("bf17")
     with pytest.raises(ValueError, match="unknown flag"):
-        WhatIf.parse("bf16_fast")
+        PrecisionPolicy.parse("bf16_fast")
     with pytest.raises(ValueError, match="master and kahan"):
-        WhatIf.parse("bf16_master_kahan")
+        PrecisionPolicy.parse("bf16_master_kahan")
     with pytest.raises(TypeError):
-        WhatIf.parse(3)
+        PrecisionPolicy.parse(3)
     model = Net()
     with pytest.raises(ValueError, match="unique"):
         track(torch.optim.SGD(model.parameters(), lr=0.1), what_if=["bf16", "bf16"])

@@ -204,9 +204,9 @@ def test_close_twice_and_steps_after_close(tmp_path):
 def test_error_inside_tracker_warns_and_training_goes_on(tmp_path, monkeypatch):
     """on_error="warn" (default): an exception inside the tracker skips that step's tracking
     with a RuntimeWarning; the run is bit-identical and later steps are tracked again."""
-    import gatesim.tracking as T
+    import gatesim.tracking.observed as T
 
-    real = T._observed
+    real = T.step_stats
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -215,7 +215,7 @@ def test_error_inside_tracker_warns_and_training_goes_on(tmp_path, monkeypatch):
             raise RuntimeError("injected failure")
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "_observed", flaky)
+    monkeypatch.setattr(T, "step_stats", flaky)
     plain = train(torch.bfloat16, "adamw", steps=4)
     log = tmp_path / "e.jsonl"
     with warnings.catch_warnings(record=True) as caught:

@@ -86,7 +86,7 @@ def test_backends_agree_on_large_tensors_and_thread_counts():
 def test_fp16_decode_exhaustive():
     """The numba kernel decodes every fp16 bit pattern to the fp32 bits torch gives (NaNs: a
     NaN)."""
-    from gatesim._tracking_kernels import _f16_to_f32_bits
+    from gatesim.tracking._observed_kernel import _f16_to_f32_bits
     import numba
 
     @numba.njit
@@ -254,3 +254,56 @@ def test_tensorboard_event_files(tmp_path):
     _, _, t = train(torch.bfloat16, "sgd", steps=2, track_kw=dict(tensorboard=tmp_path / "tb"))
     t.close()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_tensorboard_scalars_read_back_with_tensorboard(tmp_path):
+    """The real tensorboard package: the tracker writes event files through
+    torch.utils.tensorboard, tensorboard's EventAccumulator reads them back, and every scalar
+    equals the fraction computed from the JSON log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = tmp_path / "l.jsonl"
+    _, _, t = train(torch.bfloat16, "adamw", steps=3,
+                    track_kw=dict(what_if=["master"], log=log, tensorboard=tmp_path / "tb"))
+    t.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    df = read_log(log)
+    tags = acc.Tags()["scalars"]
+    assert len(tags) == len(df.kind.unique()) * 2 * 2  # kinds x policies x two fractions
+    for tag in tags:
+        _, policy, what, kind = tag.split("/", 3)
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 1, 2]
+        for e in events:
+            sub = df[(df.step == e.step) & (df.policy == policy) & (df.kind == kind)]
+            want = (sub.absorbed.sum() / (sub.n.sum() - sub.zero.sum())
+                    if what == "absorbed_fraction" else sub.changed.sum() / sub.n.sum())
+            assert e.value == pytest.approx(want, rel=1e-6), tag  # event files hold float32
+
+
+def test_save_tables_csv_and_parquet_agree_with_the_summaries(tmp_path):
+    """save_tables writes each table as CSV and as Parquet (pyarrow) with the same rows as
+    Tracker.frame / summary, and the per-tensor rows sum to the log's records."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    log = tmp_path / "l.jsonl"
+    _, _, t = train(torch.bfloat16, "adamw", steps=3,
+                    track_kw=dict(what_if=["bf16_master"], log=log))
+    t.close()
+    paths = t.save_tables(tmp_path / "tables")
+    assert set(paths) == {"steps", "per_param", "per_kind"}
+    want = {"steps": t.frame(), "per_param": t.summary(by="param"),
+            "per_kind": t.summary(by="kind")}
+    for name, df in want.items():
+        from_parquet = pq.read_table(paths[name]["parquet"]).to_pandas()
+        from_csv = pd.read_csv(paths[name]["csv"])
+        assert list(from_parquet.columns) == list(df.columns) == list(from_csv.columns)
+        pd.testing.assert_frame_equal(from_parquet, df.reset_index(drop=True),
+                                      check_dtype=False)
+        pd.testing.assert_frame_equal(from_csv, df.reset_index(drop=True), check_dtype=False)
+    rows = pq.read_table(paths["per_param"]["parquet"]).to_pandas()
+    recs = read_log(log)
+    assert set(rows.policy) == set(recs.policy) == {"own", "bf16+master"}  # canonical label
+    for col in ("elements", "absorbed"):
+        src = "n" if col == "elements" else col
+        assert rows[col].sum() == recs[src].sum()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from gatesim.claims import Claim, make_claim
+from gatesim.lab.train import storage_dtype
 
 __all__ = ["check_lab_claims", "LEARN_GAIN", "COSINE_SDS"]
 
@@ -97,7 +98,7 @@ def check_lab_claims(doc: dict, rl: str = "grpo") -> list:
         "(RL - SFT per family and seed < 0)",
         [_net(doc, r, "ranked_principal_ratio") - _net(doc, s, "ranked_principal_ratio")
          for r, s in pairs], 0.0, "below"))
-    stored = [c for c in doc["cells"] if c["config"]["precision"] in ("bf16", "bf16_master")]
+    stored = [c for c in doc["cells"] if storage_dtype(c["config"]["precision"]) == "bf16"]
     out.append(_claim(
         "bf16_storage_favors_low_magnitude",
         "Gate III: in every bf16-stored run (RL and SFT), the stored mask's low-magnitude "

@@ -45,7 +45,7 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
                    help="second RL recipe on the first family ('none' to skip)")
     p.add_argument("--extra-precisions", nargs="*", default=None,
                    help="precisions besides the default, for the first family")
-    p.add_argument("--precision", default=None, help="default precision (bf16_master)")
+    p.add_argument("--precision", default=None, help="default precision (bf16+master)")
     p.add_argument("--optimizer", choices=("emulated", "torch"), default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

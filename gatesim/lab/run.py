@@ -19,7 +19,7 @@
 22.6M parameters of the encoder), families ``arithmetic`` (which of two number words is
 larger/smaller; 588 training and 252 held-out prompts, 21 candidates) and ``relations``
 (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on both, 3 seeds, the
-default precision ``bf16_master``; REINFORCE (the second RL recipe) on ``arithmetic`` with
+default precision ``bf16+master``; REINFORCE (the second RL recipe) on ``arithmetic`` with
 the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on ``arithmetic``, seed
 0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for RL), lr 5e-5, beta 0.05;
 19 cells.
@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gatesim.lab.train import CellConfig, storage_dtype
+from gatesim.policy import canonical_name
 
 __all__ = ["LabConfig", "default_lab", "tiny_lab", "run_lab", "LabError"]
 
@@ -73,7 +74,7 @@ class LabConfig:
     second_recipe: Optional[str] = "reinforce"
     extra_precisions: tuple = ("bf16", "fp32")
     extra_seeds: tuple = (0,)
-    precision: str = "bf16_master"
+    precision: str = "bf16+master"
     optimizer: str = "emulated"
     steps: int = 80
     lr: float = 5e-5
@@ -90,6 +91,11 @@ class LabConfig:
 
     def __post_init__(self):
         from gatesim.lab.task import FAMILIES
+        # policy names in the canonical spelling, as the cells write them (the report
+        # matches the lab's precision against the cells')
+        object.__setattr__(self, "precision", canonical_name(self.precision))
+        object.__setattr__(self, "extra_precisions",
+                           tuple(map(canonical_name, self.extra_precisions)))
         if not self.families or not self.seeds or not self.methods:
             raise LabError("a lab needs at least one family, seed and method")
         if len(set(self.seeds)) != len(self.seeds):

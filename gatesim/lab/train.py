@@ -6,7 +6,7 @@ output folder), so any :mod:`gatesim.executor` can run it. It writes ``<out>/cel
 * ``checkpoint/``: the tuned model as a Hugging Face folder (``model.safetensors`` in the
   stored format, bf16 for the bf16 policies, + ``config.json`` + tokenizer);
 * ``update_fp32.safetensors``: the fp32 accumulated update ``Delta W`` of every 2-D
-  parameter: master minus the fp32 starting weights for ``bf16_master``, stored minus
+  parameter: master minus the fp32 starting weights for ``bf16+master``, stored minus
   starting weights otherwise (the update before bf16 storage rounds it away);
 * ``steps.jsonl``: one line per optimizer step: ``step``, ``reward`` (mean sampled reward of
   the batch; SFT samples too, only to log it), ``kl`` (exact KL of the candidate policy to
@@ -30,15 +30,17 @@ the answer position (:mod:`gatesim.lab.model`). Per step, ``batch`` training pro
   normalization) and no clipping: the second RL recipe.
 * ``"sft"``: cross-entropy of the correct candidate on the same prompts.
 
-**Precision** (``precision``): ``"bf16_master"`` (default; bf16 parameters from fp32 master
-weights, as mixed-precision trainers store ``bf16(master)``), ``"bf16"`` (pure bf16 storage,
+**Precision** (``precision``, a policy name of :mod:`gatesim.policy`; the older spelling
+``bf16_master`` is read as ``bf16+master``): ``"bf16+master"`` (default; bf16 parameters
+from fp32 master weights, as mixed-precision trainers store ``bf16(master)``), ``"bf16"``
+(pure bf16 storage,
 round to nearest) or ``"fp32"``. With ``optimizer="emulated"`` (default) the step is
-:class:`gatesim.optim.EmulatedAdamW` under the matching :class:`~gatesim.optim.PrecisionPolicy`:
+:class:`gatesim.optim.EmulatedAdamW` under the matching :class:`~gatesim.policy.PrecisionPolicy`:
 parameters stay float32 tensors holding values on the storage grid, so the forward and
 backward passes run in fp32 on exactly the stored weights (compute precision is not what
 is studied here; storage is). With ``optimizer="torch"``, ``torch.optim.AdamW`` steps real
 bf16 (or fp32) parameters and :func:`gatesim.track` records the absorbed updates (its log in
-``track.jsonl``); ``bf16_master`` has no torch counterpart and is refused.
+``track.jsonl``); ``bf16+master`` has no torch counterpart and is refused.
 """
 from __future__ import annotations
 
@@ -51,12 +53,15 @@ from typing import Optional
 
 import torch
 
+from gatesim.formats import FP32
+from gatesim.policy import PrecisionPolicy, canonical_name
+
 __all__ = ["CellConfig", "run_cell", "METHODS", "RL_METHODS", "PRECISIONS", "RESULT_KEYS",
            "storage_dtype"]
 
 METHODS = ("grpo", "reinforce", "sft")
 RL_METHODS = ("grpo", "reinforce")
-PRECISIONS = ("bf16_master", "bf16", "fp32")
+PRECISIONS = ("bf16+master", "bf16", "fp32")
 OPTIMIZERS = ("emulated", "torch")
 #: training accuracy is measured on the first this many training prompts (held-out: all).
 TRAIN_EVAL = 128
@@ -66,7 +71,7 @@ RESULT_KEYS = ("id", "config", "task", "curve", "evals", "absorbed", "changed", 
 
 def storage_dtype(precision: str) -> str:
     """The dtype of the stored checkpoint of a precision policy (``"bf16"`` / ``"fp32"``)."""
-    return "fp32" if precision == "fp32" else "bf16"
+    return "fp32" if PrecisionPolicy.parse(precision).param_format == FP32 else "bf16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,7 @@ class CellConfig:
 
     method: str = "grpo"
     family: str = "arithmetic"
-    precision: str = "bf16_master"
+    precision: str = "bf16+master"
     seed: int = 0
     steps: int = 80
     batch: int = 8
@@ -100,15 +105,17 @@ class CellConfig:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"lab cell: {msg}")
+        # the canonical spelling (older results say bf16_master)
+        object.__setattr__(self, "precision", canonical_name(self.precision))
         if self.method not in METHODS:
             bad(f"method must be one of {METHODS}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.optimizer == "torch" and self.precision == "bf16_master":
+        if self.optimizer == "torch" and PrecisionPolicy.parse(self.precision).master:
             bad("torch's AdamW has no fp32 master weights: use optimizer='emulated' for "
-                "bf16_master, or precision 'bf16' / 'fp32' with optimizer='torch'")
+                "bf16+master, or precision 'bf16' / 'fp32' with optimizer='torch'")
         for name in ("steps", "batch", "group", "ppo_epochs", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps"
@@ -186,11 +193,8 @@ def _optimizer(cfg: CellConfig, policy, log_dir: Path):
     named = list(policy.model.named_parameters())
     kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "emulated":
-        from gatesim.optim import EmulatedAdamW, PrecisionPolicy
-        pol = {"bf16_master": PrecisionPolicy(param_format="bf16", master=True),
-               "bf16": PrecisionPolicy(param_format="bf16"),
-               "fp32": PrecisionPolicy()}[cfg.precision]
-        opt = EmulatedAdamW(named, policy=pol, **kw)
+        from gatesim.optim import EmulatedAdamW
+        opt = EmulatedAdamW(named, policy=PrecisionPolicy.parse(cfg.precision), **kw)
         return opt, None, lambda: dict(opt.last_stats)
     import gatesim
     if cfg.precision == "bf16":

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from gatesim.checks import check_fields
-from gatesim.sim.policies import DEFAULT_POLICIES, parse_policy
+from gatesim.policy import canonical_name
+from gatesim.sim.policies import DEFAULT_POLICIES, sim_policy
 from gatesim.sim.validate import spell_none
 
 __all__ = ["CellConfig", "SweepConfig", "ALGOS", "GEOMETRIES", "DATASETS", "load_sweep",
@@ -99,8 +100,11 @@ class CellConfig:
     def __post_init__(self) -> None:
         check_fields(self)     # seed = true, clip = "0.2", steps = 1.5 ...: refused
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "policies", tuple(self.policies))
-        object.__setattr__(self, "null_policies", tuple(self.null_policies))
+        # policy names in their canonical spelling (gatesim.policy): results key by them
+        object.__setattr__(self, "policies", tuple(map(canonical_name, self.policies)))
+        object.__setattr__(self, "null_policies",
+                           tuple(map(canonical_name, self.null_policies)))
+        object.__setattr__(self, "train_policy", canonical_name(self.train_policy))
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
         if self.dataset not in DATASETS:
@@ -128,17 +132,17 @@ class CellConfig:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        parse_policy(self.train_policy)
+        sim_policy(self.train_policy)
         if not self.policies:
             raise ValueError("policies must name at least one precision policy")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError(f"policies has duplicates: {self.policies}")
         for p in self.policies:
-            parse_policy(p)
+            sim_policy(p)
         if len(set(self.null_policies)) != len(self.null_policies):
             raise ValueError(f"null_policies has duplicates: {self.null_policies}")
         for p in self.null_policies:
-            parse_policy(p)
+            sim_policy(p)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
 

@@ -47,7 +47,9 @@ from gatesim.formats import BF16
 from gatesim.optim import EmulatedAdamW
 from gatesim.precision import ulp
 from gatesim.sim.config import CellConfig
-from gatesim.sim.policies import ShadowWeights, parse_policy
+from gatesim.policy import PrecisionPolicy
+from gatesim.shadow import ShadowWeights
+from gatesim.sim.policies import sim_shadow
 from gatesim.sim.stream import StreamWriter
 from gatesim.sim.task import Task
 
@@ -153,19 +155,19 @@ def policy_metrics(shadow: ShadowWeights, W0: torch.Tensor, cfg: CellConfig,
     sp = gm.sparsity(w0s, w1s)
     mask = gm.update_mask(w0s, w1s)
     a32, b32 = w0s.to(torch.float32), w1s.to(torch.float32)
-    t = shadow.totals
-    nonzero = t["n"] - t["zero"]
+    t = shadow.total
+    nonzero = t.n - t.zero
     out = {
         "bitwise_sparsity": sp.bitwise,
         "relative_sparsity": sp.relative,
         "atol_sparsity": {str(k): v for k, v in sp.atol.items()},
         "update_density": float(mask.double().mean()),
-        "absorbed_fraction": t["absorbed"] / nonzero if nonzero else 0.0,
-        "absorbed_updates": t["absorbed"],
+        "absorbed_fraction": t.absorbed / nonzero if nonzero else 0.0,
+        "absorbed_updates": t.absorbed,
         "nonzero_updates": nonzero,
-        "absorbed_mass": shadow.absorbed_mass,
-        "hist": list(shadow.hist),
-        "step_ratio_own_ulp": _policy_hist_quantiles(shadow.hist),
+        "absorbed_mass": t.absorbed_mass,
+        "hist": list(t.hist),
+        "step_ratio_own_ulp": _policy_hist_quantiles(t.hist),
     }
     changed = bool(mask.any())
     if changed:
@@ -199,14 +201,13 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
     task = Task(cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
     W = torch.nn.Parameter(task.W0.clone())
-    train = parse_policy(cfg.train_policy)
     opt = EmulatedAdamW([("W", W)], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                         weight_decay=cfg.weight_decay,
-                        policy=train.precision_policy(seed=cfg.seed))
-    shadows = [ShadowWeights(parse_policy(n), task.W0, seed=cfg.seed) for n in cfg.policies]
+                        policy=PrecisionPolicy.parse(cfg.train_policy, seed=cfg.seed))
+    shadows = [sim_shadow(n, task.W0, cfg.seed) for n in cfg.policies]
     writer = (StreamWriter(record, task.W0, config=cfg.to_dict(), policy=cfg.train_policy,
                            seed=cfg.seed) if record is not None else None)
-    nulls = [ShadowWeights(parse_policy(n), task.W0, seed=cfg.seed) for n in cfg.null_policies]
+    nulls = [sim_shadow(n, task.W0, cfg.seed) for n in cfg.null_policies]
     null_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 29)
     null_perm = torch.randperm(task.W0.numel(), generator=null_gen)
     null_sign = (torch.randint(0, 2, (task.W0.numel(),), generator=null_gen) * 2 - 1).float()

@@ -40,7 +40,8 @@ from safetensors.torch import save_file
 
 from gatesim.checks import check_real, strict_json_loads
 from gatesim.integrity import checksum_bytes, checksum_file
-from gatesim.sim.policies import ShadowWeights, parse_policy
+from gatesim.shadow import ShadowWeights
+from gatesim.sim.policies import sim_policy, sim_shadow
 
 __all__ = ["StreamWriter", "Stream", "StreamError", "replay", "STREAM_FORMAT"]
 
@@ -200,7 +201,7 @@ class Stream:
             if not ok:
                 self._fail(key, f"must be a {tp.__name__}, got {type(v).__name__} {v!r}")
         try:
-            parse_policy(m["policy"])
+            sim_policy(m["policy"])
         except ValueError as exc:
             self._fail("policy", str(exc))
         if not 0 <= m["seed"] < 2 ** 63:
@@ -312,17 +313,17 @@ class Stream:
 def replay(stream: Union[str, os.PathLike, Stream], policy: str, *, seed: Optional[int] = None,
            on_step: Optional[Callable[[int, ShadowWeights], None]] = None) -> ShadowWeights:
     """Drives a recorded stream through precision policy ``policy`` (a name, see
-    :func:`gatesim.sim.policies.parse_policy`); ``seed`` defaults to the run's seed.
+    :mod:`gatesim.policy`); ``seed`` defaults to the run's seed.
     Returns the policy's weights after the last step, with summed statistics. The stream
     is verified completely (:class:`Stream`) and the arguments checked before the first
     step."""
     s = stream if isinstance(stream, Stream) else Stream(stream)
-    pol = parse_policy(policy)
+    pol = sim_policy(policy)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                              or not 0 <= int(seed) < 2 ** 63):
         raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    shadow = ShadowWeights(pol, s.initial(),
-                           seed=int(s.manifest["seed"]) if seed is None else int(seed))
+    shadow = sim_shadow(pol, s.initial(),
+                        int(s.manifest["seed"]) if seed is None else int(seed))
     for step, delta, alpha, decay in s.updates():
         shadow.apply(delta, alpha, decay, step)
         if on_step is not None:

@@ -1,12 +1,12 @@
-"""CPU kernel of :func:`gatesim.tracking.observed_stats`: one pass over memory.
+"""CPU kernel of :func:`gatesim.tracking.observed.observed_stats`: one pass over memory.
 
 The statistics of one observed optimizer step (stored value before, stored value after, the
 intended update ``u``) in the layout of :class:`gatesim.UpdateStats`, computed from bit
 patterns exactly as ``csrc/gatesim/update.h`` computes them for :func:`gatesim.apply_update`
 (``element_flags``, ``element_bin32``), except that the value after the step is the one the
 real optimizer stored, not one the kernel computes. The torch implementation in
-``gatesim.tracking`` (used on GPUs) computes the same numbers with tensor ops; the tests hold
-the two against each other and against apply_update's histogram.
+``gatesim.tracking.observed`` (used on GPUs) computes the same numbers with tensor ops; the
+tests hold the two against each other and against apply_update's histogram.
 
 Single-threaded on purpose: numba's parallel pools spin and slow torch down (see
 BENCHMARKS.md), and the pass is memory-bound.
