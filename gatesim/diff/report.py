@@ -14,6 +14,13 @@ baseline over the matrices that have them. :func:`write_outputs` writes
 
 and ``report.md``, which states the inputs, the settings (k, alpha, eta, atol, SVD path),
 the answer to the precision question, the tables and the unpaired or mismatched tensors.
+
+The per-tensor rows and the three summaries are also written as Parquet beside their CSVs
+(``rows.parquet``, ``summary_{module,layer,model}.parquet``; pyarrow), for the tools that
+read it (pandas, polars, DuckDB, Spark). The rows keep one schema for every run
+(:data:`ROW_STRING_COLUMNS`, :data:`ROW_INT_COLUMNS`, every other column float64), so the
+files of many diffs concatenate; missing values are nulls. Like the CSVs, they hold no wall
+times and are the same bytes on every run.
 """
 from __future__ import annotations
 
@@ -27,8 +34,22 @@ import numpy as np
 
 from gatesim.diff.names import KINDS
 
-__all__ = ["summarize", "write_outputs", "plot_sparsity", "plot_ulp", "plot_angles",
-           "markdown_table"]
+__all__ = ["summarize", "write_outputs", "write_parquet", "rows_arrow_schema",
+           "plot_sparsity", "plot_ulp", "plot_angles", "markdown_table",
+           "ROW_STRING_COLUMNS", "ROW_INT_COLUMNS"]
+
+#: Row columns stored as strings in ``rows.parquet`` (lists and histograms stay the JSON text
+#: they are in ``rows.csv``).
+ROW_STRING_COLUMNS = frozenset({
+    "name", "base_name", "tuned_name", "status", "module", "param", "shape", "dtype",
+    "tuned_dtype", "compared_dtype", "ulp_hist", "spectral", "angles_left_deg",
+    "angles_right_deg", "svd", "base_checksum", "tuned_checksum", "note"})
+#: Row columns stored as (nullable) 64-bit integers: counts and indices. Every other column
+#: is float64.
+ROW_INT_COLUMNS = frozenset({
+    "layer", "expert", "numel", "bytes", "changed", "changed_relative", "changed_atol",
+    "nan_base", "inf_base", "nan_tuned", "inf_tuned", "nan_pairs", "inf_pairs", "ulp_1",
+    "if_bf16_changed", "if_bf16_ulp_1", "if_fp16_changed", "if_fp16_ulp_1", "k"})
 
 
 def _sum(s):
@@ -270,8 +291,8 @@ def write_report(path, df, summary, base, tuned, rules, opts, figs: dict,
           f"probe); atol = {opts.atol}; cast = {opts.cast or 'none (as stored)'}"]
     if seconds is not None:
         L.append(f"- wall time: {seconds:.1f} s")
-    L += ["", "Definitions: docs/metrics.md. Bitwise sparsity = fraction of entries with "
-          "identical stored bits (+0 == -0, NaN never equal); relative probe "
+    L += ["", "Definitions: gatesim's docs/metrics.md. Bitwise sparsity = fraction of "
+          "entries with identical stored bits (+0 == -0, NaN never equal); relative probe "
           "|w1-w0| <= eta*max(|w0|,|w1|); atol |w1-w0| <= atol (over-reports sparsity for "
           "small weights). Every overlap is next to its random baseline, the update density.",
           "", "## Precision", ""]
@@ -298,21 +319,59 @@ def write_report(path, df, summary, base, tuned, rules, opts, figs: dict,
     notes = list(base.notes) + list(tuned.notes)
     if notes:
         L += ["## Notes on the inputs", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["Rows: `rows.csv` (one per tensor; `ulp_hist` and the angle lists are JSON).", ""]
+    L += ["Rows: `rows.csv` and `rows.parquet` (one per tensor; `ulp_hist` and the angle "
+          "lists are JSON).", ""]
     Path(path).write_text("\n".join(L), encoding="utf-8")
     return Path(path)
 
 
+def rows_arrow_schema(columns):
+    """The Arrow schema of ``rows.parquet`` for these row columns (module docstring)."""
+    import pyarrow as pa
+    return pa.schema([(c, pa.string() if c in ROW_STRING_COLUMNS else
+                       pa.int64() if c in ROW_INT_COLUMNS else pa.float64())
+                      for c in columns])
+
+
+def write_parquet(path: Path, df, schema=None) -> Path:
+    """``df`` as a Parquet file at ``path``, written whole to a temporary file and renamed
+    (a reader never sees a torn file). With ``schema`` every column is converted to its
+    type (``ValueError`` where a value does not fit, e.g. a fraction in an integer column);
+    without, the types follow the DataFrame's. Missing values (None, NaN) become nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if schema is None:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    else:
+        try:
+            table = pa.Table.from_arrays(
+                [pa.array(df[f.name], type=f.type, from_pandas=True) for f in schema],
+                schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"{Path(path).name}: a value does not fit its column type "
+                             f"({exc})") from exc
+    path = Path(path)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def write_outputs(out: Path, df, summary, base, tuned, rules, opts, *, figures: bool = True,
                   seconds: Optional[float] = None) -> dict:
-    """Summary CSVs, figures and ``report.md`` into ``out``; returns name -> path."""
+    """Summary CSVs, Parquet copies of the rows and summaries, figures and ``report.md``
+    into ``out``; returns name -> path."""
     files = {}
+    files["rows_parquet"] = write_parquet(out / "rows.parquet", df,
+                                          rows_arrow_schema(df.columns))
     for key in ("module", "layer", "model"):
         p = out / f"summary_{key}.csv"
         tmp = p.with_suffix(".csv.tmp")
         summary[key].to_csv(tmp, index=False)
         os.replace(tmp, p)
         files[f"summary_{key}"] = p
+        files[f"summary_{key}_parquet"] = write_parquet(out / f"summary_{key}.parquet",
+                                                        summary[key])
     figs = {}
     if figures:
         for name, fn in (("fig_sparsity", plot_sparsity), ("fig_ulp", plot_ulp),

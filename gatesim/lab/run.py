@@ -5,7 +5,8 @@
 1. ``base_bf16/`` and ``base_fp32/``: the starting model saved as Hugging Face folders in the
    two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest)
    and ``base_masks_<fmt>.npz``, the principal (``Top_alpha(|W0^(k)|)``) and low-magnitude
-   (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k`` (SCIENCE.md);
+   (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k`` (docs/metrics.md,
+   "Principal and low-magnitude weights");
 2. the cells (:func:`gatesim.lab.train.run_cell`) through an executor
    (:mod:`gatesim.executor`), each result appended to ``cells.jsonl`` as it finishes
    (:class:`gatesim.executor.ResultStore`): a rerun skips the finished cells;

@@ -93,7 +93,7 @@ def load_cell_arrays(path: Path) -> dict:
 
 def mask_jaccard(a: np.ndarray, b: np.ndarray) -> dict:
     """Jaccard of two flat bool masks and its independent-Bernoulli baseline
-    pq/(p+q-pq) (SCIENCE.md, "Cross-run consistency"); ratio = value / baseline."""
+    pq/(p+q-pq) (docs/metrics.md, "Cross-run consistency"); ratio = value / baseline."""
     from gatesim.metrics import jaccard_baseline
     inter = int(np.count_nonzero(a & b))
     union = int(np.count_nonzero(a | b))

@@ -95,7 +95,8 @@ def stored_policy(cells: list[dict]) -> Optional[str]:
 
 def jaccard_pairs(cells: list[dict], mask_dir: Path) -> list[dict]:
     """Cross-seed Jaccard of update masks: for cells equal in everything but the seed,
-    every pair of seeds, every policy. Baseline pq/(p+q-pq) (SCIENCE.md)."""
+    every pair of seeds, every policy. Baseline pq/(p+q-pq) (docs/metrics.md, "Cross-run
+    consistency")."""
     from gatesim.metrics import jaccard_baseline
     groups: dict = {}
     for c in cells:

@@ -1,4 +1,4 @@
-"""Cases of the live-tracking benchmark (``bench_track.py``, ``track_report.py``).
+"""Cases of the live-tracking benchmark (``track_bench.py``, ``track_report.py``).
 
 The model is the whole bundled MiniLM (all-MiniLM-L6-v2: 6 BERT layers and the full 30522 x
 384 word embeddings, real pretrained weights, 22.57M parameters) with a 2-way classification
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the in-place build
 sys.path.insert(0, str(ROOT / "examples"))
 

@@ -3,7 +3,7 @@ optimizers.
 
 Run with::
 
-    PYTHONPATH=. pytest benchmarks/bench_update.py
+    PYTHONPATH=. pytest benchmarks/update/update_bench.py
 
 Times every case of ``update_cases`` on a 4096 x 4096 problem at torch's default thread
 count: the replay step (fp32 master + fp32 delta -> bf16 parameter, with UpdateStats)
@@ -12,7 +12,7 @@ copies that move as many bytes; and ``EmulatedAdamW.step()`` against ``torch.opt
 Every case updates its state in place, one more step per call. The file is not named
 ``test_*.py`` and lives outside ``tests/``, so a plain ``pytest tests/`` never collects
 it. For the 1- vs 2-thread table and the issue's pass/fail targets use
-``benchmarks/compare.py --suite update``.
+``benchmarks/update/update_report.py``.
 """
 from __future__ import annotations
 

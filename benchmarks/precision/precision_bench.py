@@ -2,12 +2,12 @@
 
 Run with::
 
-    PYTHONPATH=. pytest benchmarks/bench_precision.py
+    PYTHONPATH=. pytest benchmarks/precision/precision_bench.py
 
 Times every case of ``precision_cases`` on a 4096 x 4096 N(0, 0.02) float32 tensor with
 preallocated outputs, at torch's default thread count. The file is not named ``test_*.py``
 and lives outside ``tests/``, so a plain ``pytest tests/`` never collects it. For the
-1- vs 2-thread table and the issue's pass/fail targets use ``benchmarks/compare.py``.
+1- vs 2-thread table and the issue's pass/fail targets use ``benchmarks/precision/precision_report.py``.
 """
 from __future__ import annotations
 

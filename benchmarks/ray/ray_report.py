@@ -21,7 +21,7 @@ Measured in one run, interleaved (pool, Ray, pool, Ray, ...), medians of ``--rep
 Every run's ``results.json`` / ``rows.csv`` is checked to have the same bytes as the first
 pool run. Usage::
 
-    PYTHONPATH=. python benchmarks/ray_bench.py [--reps 3] [--markdown BENCHMARKS.md]
+    PYTHONPATH=. python benchmarks/ray/ray_report.py [--reps 3] [--markdown BENCHMARKS.md]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -197,7 +197,7 @@ def main() -> int:
 
 def report(o: dict, a) -> str:
     md = statistics.median
-    L = [f"Measured {o['date']} by `benchmarks/ray_bench.py` on {o['machine']} (shared with "
+    L = [f"Measured {o['date']} by `benchmarks/ray/ray_report.py` on {o['machine']} (shared with "
          f"other engineers: load average {o['load_before'][0]:.1f} before, "
          f"{o['load_after'][0]:.1f} after), ray {o['ray']}, torch {o['torch']}. Both "
          "executors with 2 workers on the same 2 cores (Ray: a local 2-CPU instance, "

@@ -1,6 +1,6 @@
 """Operations timed by the precision-core benchmarks (fp32 -> bf16/fp16/fp8 rounding).
 
-Shared by ``bench_precision.py`` (pytest-benchmark) and ``compare.py`` (one-shot table),
+Shared by ``precision_bench.py`` (pytest-benchmark) and ``compare.py`` (one-shot table),
 so both time exactly the same code. Every case is a zero-argument callable that writes
 into buffers allocated once up front (:class:`Buffers`); the only exception is the
 ml_dtypes ``astype`` reference, which allocates because that is what users write.

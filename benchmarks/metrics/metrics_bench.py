@@ -2,14 +2,14 @@
 
 Run with::
 
-    PYTHONPATH=. pytest benchmarks/bench_metrics.py
+    PYTHONPATH=. pytest benchmarks/metrics/metrics_bench.py
 
 Times each stage on its own - sparsity (all rules, ULP histogram) and the update mask on a
 4096 x 4096 bf16 pair, the randomized SVD (k = 64, q = 128, niter = 8) of a 4096 x 4096
 fp32 matrix, the principal and low-magnitude masks from a given SVD, the exact float64 SVD
 of a 1024 x 1024 matrix next to a plain fp32 ``torch.linalg.svd`` of it - and the whole
 ``compare()`` row on a 1024 x 2752 pair, exact and randomized. The per-matrix cost at full
-LLM size (4096 x 4096 and 4096 x 11008) comes from ``benchmarks/metrics_report.py``
+LLM size (4096 x 4096 and 4096 x 11008) comes from ``benchmarks/metrics/metrics_report.py``
 (one case per process; too slow for repeated rounds). Not named ``test_*.py`` and outside
 ``tests/``, so ``pytest tests/`` never collects it.
 """

@@ -15,7 +15,7 @@
    full verification (:class:`gatesim.sim.stream.Stream`: sizes, checksums, headers) and
    without it (a subclass whose checks are no-ops), interleaved, medians.
 
-    .venv/bin/python benchmarks/integrity_bench.py --markdown BENCHMARKS.md
+    .venv/bin/python benchmarks/integrity/integrity_report.py --markdown BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the in-place build
 
 import gatesim.diff as gd  # noqa: E402
 import gatesim.diff.core as core  # noqa: E402
@@ -42,7 +42,7 @@ BEGIN, END = "<!-- integrity:begin -->", "<!-- integrity:end -->"
 
 
 def _machine() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from markdown_block import machine
     return machine()
 
@@ -157,7 +157,7 @@ def markdown(res: dict) -> str:
     m = d["median"]
     lines = [
         "## Integrity: what the checksums cost (issue 22)", "",
-        f"{res['machine']}, torch {res['torch']}, {res['when']}; `benchmarks/integrity_bench.py`. "
+        f"{res['machine']}, torch {res['torch']}, {res['when']}; `benchmarks/integrity/integrity_report.py`. "
         "The machine was shared with other engineers' runs while this ran (load average "
         f"{res['load']}), so single timings are noisy; runs are interleaved and medians "
         "reported.", "",

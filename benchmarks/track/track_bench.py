@@ -2,14 +2,14 @@
 
 Run with::
 
-    PYTHONPATH=. pytest benchmarks/bench_track.py
+    PYTHONPATH=. pytest benchmarks/track/track_bench.py
 
 Times one training step (forward + backward + AdamW step) of the whole bundled MiniLM
 (22.57M parameters, bf16 and fp32, batch 8 x 128 tokens) untracked and tracked (every
 parameter, every step, one what-if policy); see ``track_cases``. The file is not named
 ``test_*.py`` and lives outside ``tests/``, so ``pytest tests/`` never collects it. For the
 overhead ratio, measured interleaved (which cancels drift in the machine's load), and the
-BENCHMARKS.md section use ``benchmarks/track_report.py``.
+BENCHMARKS.md section use ``benchmarks/track/track_report.py``.
 """
 from __future__ import annotations
 

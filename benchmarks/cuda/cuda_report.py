@@ -2,7 +2,7 @@
 
 Meant for a lent H100/H200 (finishes in a few minutes):
 
-    python benchmarks/gpu_check.py [--no-build] [--no-tests] [--size N] [--out DIR]
+    python benchmarks/cuda/cuda_report.py [--no-build] [--no-tests] [--size N] [--out DIR]
 
 Timings use CUDA events (median of --repeat runs after warm-up) and are reported against a
 device-to-device copy measured in the same run, as bandwidth fractions:
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build() -> None:

@@ -21,7 +21,7 @@ and checks that the diff found exactly the planted number of changed entries. Wi
 ``<!-- diff:end -->`` is replaced (the markers are appended if absent). The folder is
 deleted afterwards unless ``--keep``.
 
-    .venv/bin/python benchmarks/diff_bench.py --markdown BENCHMARKS.md
+    .venv/bin/python benchmarks/diff/diff_report.py --markdown BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the in-place build
 
 from gatesim.diff.synthetic import QWEN2_1_5B, qwen2_shapes, write_planted_pair  # noqa: E402
 
@@ -47,7 +47,7 @@ BEGIN, END = "<!-- diff:begin -->", "<!-- diff:end -->"
 
 
 def _machine() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from markdown_block import machine
     return machine()
 
@@ -253,7 +253,7 @@ def write_markdown(path: Path, r: dict) -> None:
          f"Generated Qwen2-1.5B-shaped bf16 pair ({r['layers']} layers, "
          f"{'with' if r['embed'] else 'without'} the 151936x1536 embedding; "
          f"{r['tensors']} tensors, {nb / 1e9:.2f} GB for both sides, planted density "
-         f"{r['density']}), `benchmarks/diff_bench.py`, on {r['machine']}, torch {r['torch']}. "
+         f"{r['density']}), `benchmarks/diff/diff_report.py`, on {r['machine']}, torch {r['torch']}. "
          "The machine was shared with other engineers while this ran (load average "
          f"{', '.join(f'{x:.1f}' for x in r['load_after'])} at the end, on 2 cores; another "
          "engineer's SVD benchmark ran alongside the full diff), so the timings are "

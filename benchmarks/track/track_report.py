@@ -14,7 +14,7 @@ step under 1.5x the untracked one.
 
 Usage::
 
-    python benchmarks/track_report.py [--dtypes bf16,fp32] [--batch 8x128,32x128]
+    python benchmarks/track/track_report.py [--dtypes bf16,fp32] [--batch 8x128,32x128]
                                       [--threads N] [--repeat 9] [--markdown BENCHMARKS.md]
 
 With ``--markdown PATH`` the report replaces the text between ``<!-- track:begin -->`` and
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # markdown_block
 import track_cases as tc  # noqa: E402
 from markdown_block import replace_marked  # noqa: E402
 
@@ -150,7 +151,7 @@ def measure(dtype_name: str, batch: int, seq: int, repeat: int, warmup: int) -> 
 def report(results: list, args, load_before, load_after, seconds: float) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"Measured {now} with `python benchmarks/track_report.py` ({seconds:.0f} s): the whole "
+        f"Measured {now} with `python benchmarks/track/track_report.py` ({seconds:.0f} s): the whole "
         f"bundled MiniLM ({results[0]['params'] / 1e6:.2f}M parameters, real weights) + "
         "classification head, AdamW (lr 1e-4, weight decay 0.01), random token ids; one step = "
         "forward + backward + `optimizer.step()` + `zero_grad()`. Tracked: "

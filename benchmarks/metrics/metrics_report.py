@@ -11,9 +11,9 @@ process: what a user writes today for one matrix, and the yardstick of the ratio
 
 Usage (from the repository root, with the extension built in place)::
 
-    python benchmarks/metrics_report.py                               # print the table
-    python benchmarks/metrics_report.py --markdown BENCHMARKS.md      # and refresh it
-    python benchmarks/metrics_report.py --shapes 1024x2752 --threads 1
+    python benchmarks/metrics/metrics_report.py                               # print the table
+    python benchmarks/metrics/metrics_report.py --markdown BENCHMARKS.md      # and refresh it
+    python benchmarks/metrics/metrics_report.py --shapes 1024x2752 --threads 1
 
 With ``--markdown PATH`` the report replaces the text between ``<!-- metrics:begin -->``
 and ``<!-- metrics:end -->`` in PATH (the pair is appended at the end if absent; a new
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the in-place build
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the in-place build
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # markdown_block
 from markdown_block import replace_marked  # noqa: E402
 
 MARK_BEGIN = "<!-- metrics:begin -->"
@@ -202,8 +202,8 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> str:
         "case; multithreaded LAPACK slows down badly when the cores are oversubscribed, so "
         "treat these timings as noisy upper bounds.",
         "",
-        "Reproduce: `python benchmarks/metrics_report.py --markdown BENCHMARKS.md`; "
-        "`pytest benchmarks/bench_metrics.py` times the stages on smaller matrices.",
+        "Reproduce: `python benchmarks/metrics/metrics_report.py --markdown BENCHMARKS.md`; "
+        "`pytest benchmarks/metrics/metrics_bench.py` times the stages on smaller matrices.",
         "",
     ]
     return "\n".join(lines)

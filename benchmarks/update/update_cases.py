@@ -1,7 +1,7 @@
 """Operations timed by the fused-update benchmarks (``gatesim.apply_update`` and the
 emulated optimizers).
 
-Shared by ``bench_update.py`` (pytest-benchmark) and ``compare.py --suite update`` (one-shot
+Shared by ``update_bench.py`` (pytest-benchmark) and ``compare.py --suite update`` (one-shot
 table), so both time exactly the same code. Every case is a zero-argument callable that
 updates state allocated once up front, in place, exactly as a training loop would: each
 call is one more step on the same tensors (the master weights random-walk by about
