@@ -3,15 +3,20 @@
 :func:`run_lab` runs a :class:`LabConfig` into ``<out>/<name>/``:
 
 1. ``base_bf16/`` and ``base_fp32/``: the starting model saved as Hugging Face folders in the
-   two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest)
-   and ``base_masks_<fmt>.npz``, the principal (``Top_alpha(|W0^(k)|)``) and low-magnitude
-   (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k`` (SCIENCE.md);
+   two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest;
+   the fp32 one is where the fp32 master weights of ``bf16_master`` start, and what the
+   precision-only null of such a cell adds its update to) and, for each storage format of
+   the cells, ``base_masks_<fmt>.npz``: the principal (``Top_alpha(|W0^(k)|)``) and
+   low-magnitude (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k``
+   (SCIENCE.md) and its singular values;
 2. the cells (:func:`gatesim.lab.train.run_cell`) through an executor
    (:mod:`gatesim.executor`), each result appended to ``cells.jsonl`` as it finishes
    (:class:`gatesim.executor.ResultStore`): a rerun skips the finished cells;
 3. for each cell, ``gatesim diff`` of its base and tuned checkpoints into
-   ``cells/<id>/diff/`` plus the fp32-ranked overlaps (:func:`gatesim.lab.analysis.analyze_cell`),
-   through the same executor, stored in ``analysis.jsonl``;
+   ``cells/<id>/diff/``, the fp32-ranked overlaps, the singular-value drift and the
+   precision-only null, every metric's random baseline
+   (:func:`gatesim.lab.analysis.analyze_cell`), through the same executor, stored in
+   ``analysis.jsonl`` (an entry of an earlier analysis version is computed again);
 4. consistency of update masks and updates across seeds, task families and RL recipes,
    the table, the claims and the figures (:mod:`gatesim.lab.report`).
 
@@ -80,6 +85,8 @@ class LabConfig:
     batch: int = 8
     group: int = 8
     beta: float = 0.05
+    clip: float = 0.2
+    ppo_epochs: int = 1
     eval_every: int = 20
     layers: Optional[int] = None
     max_train: Optional[int] = None
@@ -105,9 +112,12 @@ class LabConfig:
     def cell(self, **kw) -> CellConfig:
         base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
                     lr=self.lr, batch=self.batch, group=self.group, beta=self.beta,
-                    eval_every=self.eval_every, model=self.model, layers=self.layers,
-                    max_train=self.max_train, max_heldout=self.max_heldout)
+                    clip=self.clip, ppo_epochs=self.ppo_epochs, eval_every=self.eval_every,
+                    model=self.model, layers=self.layers, max_train=self.max_train,
+                    max_heldout=self.max_heldout)
         base.update(kw)
+        if base.get("method") != "grpo":  # PPO-style passes and clipping are grpo's
+            base["ppo_epochs"] = 1
         return CellConfig(**base)
 
     def cells(self) -> list:
@@ -176,6 +186,11 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
         except json.JSONDecodeError as exc:
             raise LabError(f"{cfg_path} is not JSON ({exc}); delete the folder or pass "
                            "overwrite=True") from None
+        if isinstance(old, dict) and isinstance(old.get("config"), dict):
+            try:   # a lab.json written before a setting existed: its default fills in
+                old["config"] = LabConfig.from_dict(old["config"]).to_dict()
+            except (LabError, TypeError, ValueError):
+                pass
         if old != doc:
             raise LabError(f"{out} holds another lab ({cfg_path} differs); choose another "
                            "--out or pass --overwrite to start over")
@@ -188,27 +203,49 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
     os.replace(tmp, cfg_path)
 
 
-def save_bases(config: LabConfig, out: Path, formats: Sequence[str]) -> dict:
-    """Writes ``base_<fmt>/`` (HF folders) and ``base_masks_<fmt>.npz``; returns
-    ``{fmt: folder}``. Skips what exists (a resumed lab)."""
+def start_format(precision: str) -> str:
+    """The format of the weights a cell's fp32 update starts from: fp32 (the master
+    weights of ``bf16_master``, the weights of ``fp32``) or bf16 (pure ``bf16``)."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def save_bases(config: LabConfig, out: Path, formats: Sequence[str],
+               masks_for: Optional[Sequence[str]] = None) -> dict:
+    """Writes ``base_<fmt>/`` (HF folders) for ``formats`` and ``base_masks_<fmt>.npz`` for
+    ``masks_for`` (default: every format); returns ``{fmt: folder}``. Skips what exists (a
+    resumed lab)."""
     import torch
     from gatesim.lab.analysis import save_base_masks
     from gatesim.lab.model import save_checkpoint
     from gatesim.lab.train import build_policy
+    masks_for = set(formats if masks_for is None else masks_for)
     folders, policy = {}, None
     for fmt in formats:
         folder = out / f"base_{fmt}"
         folders[fmt] = folder
         masks = out / f"base_masks_{fmt}.npz"
-        if (folder / "model.safetensors").is_file() and masks.is_file():
+        if (folder / "model.safetensors").is_file() and (fmt not in masks_for
+                                                         or _masks_current(masks)):
             continue
-        if policy is None:
-            policy = build_policy(config.cell())
-        dt = torch.bfloat16 if fmt == "bf16" else torch.float32
-        tensors = {n: p.detach().to(dt).float() for n, p in policy.model.named_parameters()}
-        save_checkpoint(policy, folder, fmt, tensors=tensors)
-        save_base_masks(folder, masks, k=config.k, alpha=config.alpha)
+        if not (folder / "model.safetensors").is_file():
+            if policy is None:
+                policy = build_policy(config.cell())
+            dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+            tensors = {n: p.detach().to(dt).float()
+                       for n, p in policy.model.named_parameters()}
+            save_checkpoint(policy, folder, fmt, tensors=tensors)
+        if fmt in masks_for:
+            save_base_masks(folder, masks, k=config.k, alpha=config.alpha)
     return folders
+
+
+def _masks_current(path: Path) -> bool:
+    """A base mask file of this version (with the singular values ``sv::``)."""
+    if not path.is_file():
+        return False
+    import numpy as np
+    with np.load(path) as z:
+        return any(f.startswith("sv::") for f in z.files)
 
 
 def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
@@ -228,7 +265,7 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
             resumability; rerunning completes the lab).
     """
     from gatesim.executor import ResultStore, make_executor
-    from gatesim.lab.analysis import analyze_cell
+    from gatesim.lab.analysis import ANALYSIS_VERSION, analyze_cell
     from gatesim.lab.report import build_results
     from gatesim.lab.model import resolve_model_path
     config = config or default_lab()
@@ -239,8 +276,9 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
     ex = executor if executor is not None else make_executor(workers, threads=1)
     _prepare(root, config, overwrite)
     t0 = time.perf_counter()
-    formats = sorted({storage_dtype(c.precision) for c in cells})
-    bases = save_bases(config, root, formats)
+    stores = sorted({storage_dtype(c.precision) for c in cells})
+    starts = {start_format(c.precision) for c in cells}
+    bases = save_bases(config, root, sorted(set(stores) | starts), masks_for=stores)
     store = ResultStore(root / "cells.jsonl")
     for c in cells:  # a stored result whose checkpoint is gone is run again
         if c.id in store and not (root / "cells" / c.id / "checkpoint" /
@@ -259,9 +297,13 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
         return {"complete": False, "cells_done": sum(c.id in store for c in cells),
                 "cells": len(cells), "out": str(root)}
     astore = ResultStore(root / "analysis.jsonl")
+    for c in cells:  # an analysis of an earlier version is computed again
+        if c.id in astore and astore.get(c.id).get("version") != ANALYSIS_VERSION:
+            astore.discard(c.id)
     ids = {c.id for c in cells}
     atodo = [(c.id, {"cell": c.to_dict(), "lab": str(root),
                      "base": str(bases[storage_dtype(c.precision)]),
+                     "start": str(bases[start_format(c.precision)]),
                      "masks": str(root / f"base_masks_{storage_dtype(c.precision)}.npz"),
                      "k": config.k, "alpha": config.alpha, "figures": config.diff_figures,
                      "ranked_update": _ranked_update(root, c, ids)})
