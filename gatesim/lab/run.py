@@ -20,16 +20,16 @@
 4. consistency of update masks and updates across seeds, task families and RL recipes,
    the table, the claims and the figures (:mod:`gatesim.lab.report`).
 
-**Default lab** (:func:`default_lab`; measured before the precision-only null was added:
-6 min 41 s wall on the idle 2-core machine with 2 workers, 751 CPU-seconds; the null adds
-one diff per cell, about 8 CPU-seconds per cell measured on one cell, so about 1 more
-minute): the bundled MiniLM (all 22.6M parameters of the encoder), families
-``arithmetic`` (which of two number words is larger/smaller; 588 training and 252
-held-out prompts, 21 candidates) and ``relations`` (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on both, 3 seeds, the
-default precision ``bf16_master``; REINFORCE (the second RL recipe) on ``arithmetic`` with
-the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on ``arithmetic``, seed
-0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for RL), lr 5e-5, beta 0.05;
-19 cells.
+**Default lab** (:func:`default_lab`; measured before the precision-only null was added: 6
+min 41 s wall on the idle 2-core machine with 2 workers, 751 CPU-seconds; the null adds one
+diff per cell, about 8 CPU-seconds per cell measured on one cell, so about 1 more minute):
+the bundled MiniLM (all 22.6M parameters of the encoder), families ``arithmetic`` (which of
+two number words is larger/smaller; 588 training and 252 held-out prompts, 21 candidates)
+and ``relations`` (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on
+both, 3 seeds, the default precision ``bf16_master``; REINFORCE (the second RL recipe) on
+``arithmetic`` with the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on
+``arithmetic``, seed 0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for
+RL), lr 5e-5, beta 0.05; 19 cells.
 
 Why these numbers: the lab must finish on a laptop, and RLVR has to learn within it. Pilot
 runs of GRPO (plain torch AdamW, fp32, seed 0, before any claim was computed), held-out
