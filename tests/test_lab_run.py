@@ -11,10 +11,14 @@ from gatesim.lab.report import SCHEMA
 from gatesim.lab.run import LabError, run_lab, tiny_lab
 
 CELL_KEYS = {"id", "config", "task", "curve", "evals", "absorbed", "changed", "numel", "final"}
-AGG_KEYS = {"numel", "changed", "sparsity", "fp32_density", "nss_median", "angle_median",
-            "angle_max", "energy_ratio", "density", "stored_principal", "stored_principal_ratio",
-            "stored_low", "stored_low_ratio", "ranked_principal", "ranked_principal_ratio",
-            "ranked_low", "ranked_low_ratio"}
+AGG_KEYS = {"numel", "changed", "sparsity", "fp32_density", "nss_median", "sv_drift_median",
+            "angle_median", "angle_max", "energy_ratio", "density", "stored_principal",
+            "stored_principal_ratio", "stored_low", "stored_low_ratio", "ranked_principal",
+            "ranked_principal_ratio", "ranked_low", "ranked_low_ratio"}
+#: every metric's random baseline: the precision-only null (gatesim.lab.analysis)
+NULL_KEYS = {"null_sparsity", "null_nss_median", "null_sv_drift_median", "null_angle_median",
+             "null_angle_max", "null_energy_ratio", "null_density", "null_principal",
+             "null_principal_ratio", "null_low", "null_low_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,15 @@ def test_lab_files_schema_resume(tiny_model, tmp_path):
         assert set(c) == CELL_KEYS
         assert len(c["curve"]["reward"]) == 2 and c["evals"]["step"] == [0, 2]
         a = on_disk["analysis"][c["id"]]
-        assert set(a["network"]) == AGG_KEYS
+        assert set(a["network"]) == AGG_KEYS | NULL_KEYS
+        net = a["network"]
+        for key in AGG_KEYS | NULL_KEYS:   # every metric and baseline is measured
+            assert net[key] is not None, (c["id"], key)
+        assert 0 <= net["null_sparsity"] <= 1 and net["null_sv_drift_median"] >= 0
+        for r in a["rows"]:
+            if r.get("spectral") == "ok":  # the null changes at most the entries updated
+                assert "sv_drift" in r and "null_nss" in r and "null_sv_drift" in r
+                assert r["null_changed"] <= round(r["fp32_density"] * r["numel"]), r["name"]
         assert {"q", "k", "v", "o", "up", "down", "embed"} <= set(a["kinds"])
         assert set(a["layers"]) == {"0"}
     axes = {(p["axis"], p["method"]) for p in on_disk["consistency"]}
@@ -75,11 +87,20 @@ def test_lab_files_schema_resume(tiny_model, tmp_path):
         assert 0 <= allk["jaccard_baseline"] <= 1 and allk["cosine_baseline"] == 0.0
     assert all(c["verdict"] in ("holds", "fails", "inconclusive", "not tested")
                for c in on_disk["claims"])
-    assert len(on_disk["claims"]) == 14
+    assert len(on_disk["claims"]) == 15
     table = (root / "table.md").read_text()
     for heading in ("## Learning", "## Per module kind", "## Mask overlaps", "## Per layer",
                     "## Every precision", "## Consistency", "## Claims"):
         assert heading in table
+    for column in ("| sv drift | null |", "| princ. null |", "| low null |"):
+        assert column in table
+    # the lab says plainly, per family, whether RLVR learned
+    for c in on_disk["claims"]:
+        if c["name"].startswith("rlvr_learns["):
+            fam = c["name"][len("rlvr_learns["):-1]
+            said = (f"RLVR learned `{fam}`" if c["verdict"] == "holds"
+                    else f"RLVR did not learn `{fam}` materially")
+            assert said in table, fam
     # the pure-bf16 cell's |dW| ranking comes from... itself (no fp32 twin in this lab)
     assert doc["analysis"]["grpo-arithmetic-bf16-s0"]["network"]["sparsity"] is not None
     # a finished lab reruns to the same bytes (no timings in results.json)
@@ -116,6 +137,7 @@ def _doc(gains, sparsity_rl, sparsity_sft):
                                                 "precision": "bf16_master"},
                           "final": {"heldout_acc0": 0.1, "heldout_acc": 0.1 + g}})
             analysis[cid] = {"network": {"sparsity": s, "nss_median": 1e-3,
+                                         "sv_drift_median": 1e-4 if m == "grpo" else 1e-3,
                                          "angle_median": 1.0,
                                          "ranked_principal_ratio": 0.9,
                                          "stored_low_ratio": 2.0, "ranked_low_ratio": 1.0}}
@@ -131,6 +153,7 @@ def test_claim_verdicts_follow_the_intervals():
     assert by["rlvr_avoids_principal_weights"].verdict == "holds"
     assert by["bf16_storage_favors_low_magnitude"].verdict == "holds"
     assert by["rlvr_smaller_spectral_drift"].verdict == "inconclusive"  # all differences 0
+    assert by["rlvr_smaller_sv_drift"].verdict == "holds"   # log10 ratio -1 on every seed
     assert by["rlvr_masks_consistent_across_seeds"].verdict == "not tested"
     by = {c.name: c for c in check_lab_claims(_doc([0.0, 0.01, -0.01], [0.1, 0.2, 0.15],
                                                    [0.5, 0.6, 0.55]))}
@@ -139,3 +162,22 @@ def test_claim_verdicts_follow_the_intervals():
     by = {c.name: c for c in check_lab_claims(_doc([0.0, 0.5, 0.2], [0.1, 0.2, 0.15],
                                                    [0.5, 0.6, 0.55]))}
     assert by["rlvr_learns[f]"].verdict == "inconclusive"
+
+
+def test_ppo_clipping_reaches_grpo_cells_only():
+    """--ppo-epochs / --clip turn on grpo's PPO-style clipping from the command line; SFT
+    and REINFORCE cells are unchanged (their ids too, so a resumed lab keeps them)."""
+    import argparse
+
+    from gatesim.lab.cli import add_lab_parser, config_from_args
+    parser = argparse.ArgumentParser()
+    add_lab_parser(parser.add_subparsers())
+    cfg = config_from_args(parser.parse_args(["lab", "--ppo-epochs", "3", "--clip", "0.1"]))
+    by = {(c.method, c.family, c.precision, c.seed): c for c in cfg.cells()}
+    g = by[("grpo", "arithmetic", "bf16_master", 0)]
+    assert g.ppo_epochs == 3 and g.clip == 0.1 and g.id.endswith("-ppo3")
+    for m in ("sft", "reinforce"):
+        c = by[(m, "arithmetic", "bf16_master", 0)]
+        assert c.ppo_epochs == 1 and "ppo" not in c.id
+    plain = config_from_args(parser.parse_args(["lab"]))
+    assert all(c.ppo_epochs == 1 for c in plain.cells())

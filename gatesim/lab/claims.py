@@ -82,6 +82,14 @@ def check_lab_claims(doc: dict, rl: str = "grpo") -> list:
          (_ratio(_net(doc, r, "nss_median"), _net(doc, s, "nss_median")) for r, s in pairs)],
         0.0, "below"))
     out.append(_claim(
+        "rlvr_smaller_sv_drift",
+        "RLVR moves the top-k singular values less than SFT, relative to their size: "
+        "log10(median sv drift RL / median sv drift SFT) < 0 per family and seed",
+        [math.log10(x) if x else None for x in
+         (_ratio(_net(doc, r, "sv_drift_median"), _net(doc, s, "sv_drift_median"))
+          for r, s in pairs)],
+        0.0, "below"))
+    out.append(_claim(
         "rlvr_smaller_rotation",
         "RLVR rotates the top-k singular subspaces less than SFT: median over matrices of "
         "the largest principal angle, RL - SFT (degrees) < 0",

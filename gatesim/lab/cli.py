@@ -50,6 +50,11 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--beta", type=float, default=None, help="KL coefficient")
+    p.add_argument("--ppo-epochs", type=int, default=None,
+                   help="PPO-style passes over each batch of samples for grpo (default 1: "
+                        "on-policy, the clip is inactive; > 1 turns the clipping on)")
+    p.add_argument("--clip", type=float, default=None,
+                   help="PPO clip range epsilon of grpo (default 0.2)")
     p.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes (1: in this process; default 2)")
@@ -65,7 +70,8 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args):
     from gatesim.lab.run import default_lab, tiny_lab
     kw = {}
-    for name in ("name", "model", "precision", "optimizer", "steps", "lr", "beta", "layers"):
+    for name in ("name", "model", "precision", "optimizer", "steps", "lr", "beta", "clip",
+                 "ppo_epochs", "layers"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v

@@ -1,9 +1,9 @@
 """The lab's ``results.json``, ``table.md`` and figures.
 
-``results.json`` (schema ``gatesim.lab.results/1``; no timings, so the same lab gives the
+``results.json`` (schema ``gatesim.lab.results/2``; no timings, so the same lab gives the
 same bytes for any executor or worker count)::
 
-    {"schema": "gatesim.lab.results/1",
+    {"schema": "gatesim.lab.results/2",
      "lab": LabConfig fields,
      "cells": [{"id", "config": CellConfig fields, "task": {family, candidates, train, heldout},
                 "curve": {"step", "reward", "kl", "loss"},            # every step
@@ -27,14 +27,27 @@ same bytes for any executor or worker count)::
 
 AGG (one run, a group of tensors): ``numel``, ``changed``, ``sparsity`` (bitwise, pooled
 over every tensor of the group, biases and norms included), ``fp32_density`` (non-zero
-fp32 update entries, pooled over matrices), ``nss_median``, ``angle_median`` /
-``angle_max`` (the largest principal angle of each matrix, left or right, at the diff's
-``k``: median and maximum over matrices), ``energy_ratio`` (mean over matrices of the
-update energy in the top-k subspace over its baseline (k/m)(k/n)), ``density`` (stored
-update density of the matrices: the random baseline of every overlap), and the overlaps
-pooled over matrices, each also as a ratio to ``density`` (1 = chance):
+fp32 update entries, pooled over matrices), ``nss_median``, ``sv_drift_median``
+(singular-value drift, :func:`gatesim.lab.analysis.sv_drift`: median over matrices),
+``angle_median`` / ``angle_max`` (the largest principal angle of each matrix, left or
+right, at the diff's ``k``: median and maximum over matrices), ``energy_ratio`` (mean over
+matrices of the update energy in the top-k subspace over its baseline (k/m)(k/n)),
+``density`` (stored update density of the matrices: the random baseline of every overlap),
+and the overlaps pooled over matrices, each also as a ratio to its density (1 = chance):
 ``stored_principal`` / ``stored_low`` (stored bitwise mask) and ``ranked_principal`` /
 ``ranked_low`` (fp32 update ranked by |dW| at the same density), with ``*_ratio``.
+
+Random baselines in AGG: the ``null_*`` keys are the same quantities for the cell's
+precision-only null (:mod:`gatesim.lab.analysis`: the run's fp32 update at random
+positions with random signs, stored the same way, measured by the same diff):
+``null_sparsity``, ``null_nss_median``, ``null_sv_drift_median``, ``null_angle_median``,
+``null_angle_max``, ``null_energy_ratio``, ``null_density`` (the null's stored update
+density over the matrices) and ``null_principal`` / ``null_low`` with ``*_ratio`` (over
+``null_density``). Per-tensor rows carry ``sv_drift`` and ``null_changed``, ``null_nss``,
+``null_sv_drift``, ``null_angle_left_max_deg``, ``null_angle_right_max_deg``,
+``null_energy_topk``, ``null_overlap_principal``, ``null_overlap_low``.
+
+Version 2 (was 1) added ``sv_drift*`` and every ``null_*`` key; nothing was removed.
 An interval in "learning" is ``{mean, lo, hi, n, sd, level}`` over seeds.
 """
 from __future__ import annotations
@@ -50,9 +63,26 @@ from gatesim.stats import mean_interval
 
 __all__ = ["build_results", "aggregate", "write_table", "SCHEMA"]
 
-SCHEMA = "gatesim.lab.results/1"
+SCHEMA = "gatesim.lab.results/2"
 KIND_ORDER = ("q", "k", "v", "o", "up", "down", "embed", "pos_embed", "type_embed", "norm",
               "lm_head", "other")
+
+
+def _median(rows: list, key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _angles(rows: list, prefix: str = "") -> list:
+    """The largest principal angle (left or right) of each matrix."""
+    return [max(r[f"{prefix}angle_left_max_deg"], r[f"{prefix}angle_right_max_deg"])
+            for r in rows if r.get(f"{prefix}angle_left_max_deg") is not None
+            and r.get(f"{prefix}angle_right_max_deg") is not None]
+
+
+def _energy_ratios(rows: list, prefix: str = "") -> list:
+    return [r[f"{prefix}energy_topk"] / r["energy_topk_baseline"] for r in rows
+            if r.get(f"{prefix}energy_topk") is not None and r.get("energy_topk_baseline")]
 
 
 def aggregate(rows: list) -> dict:
@@ -62,32 +92,40 @@ def aggregate(rows: list) -> dict:
     mats = [r for r in rows if r.get("spectral") == "ok"]
     out = {"numel": numel, "changed": changed,
            "sparsity": 1 - changed / numel if numel else None}
+    have_null = bool(rows) and all(r.get("null_changed") is not None for r in rows)
+    out["null_sparsity"] = (1 - sum(r["null_changed"] for r in rows) / numel
+                            if numel and have_null else None)
     fp = [r for r in rows if r.get("fp32_density") is not None]
     n_fp = sum(r["numel"] for r in fp)
     out["fp32_density"] = (sum(r["fp32_density"] * r["numel"] for r in fp) / n_fp
                            if n_fp else None)
-    nss = [r["nss"] for r in mats if r.get("nss") is not None]
-    ang = [max(r["angle_left_max_deg"], r["angle_right_max_deg"]) for r in mats
-           if r.get("angle_left_max_deg") is not None]
-    en = [r["energy_topk"] / r["energy_topk_baseline"] for r in mats
-          if r.get("energy_topk") is not None and r.get("energy_topk_baseline")]
-    out["nss_median"] = statistics.median(nss) if nss else None
-    out["angle_median"] = statistics.median(ang) if ang else None
-    out["angle_max"] = max(ang) if ang else None
-    out["energy_ratio"] = sum(en) / len(en) if en else None
+    for pre in ("", "null_"):
+        ang = _angles(mats, pre)
+        en = _energy_ratios(mats, pre)
+        out[f"{pre}nss_median"] = _median(mats, f"{pre}nss")
+        out[f"{pre}sv_drift_median"] = _median(mats, f"{pre}sv_drift")
+        out[f"{pre}angle_median"] = statistics.median(ang) if ang else None
+        out[f"{pre}angle_max"] = max(ang) if ang else None
+        out[f"{pre}energy_ratio"] = sum(en) / len(en) if en else None
     ov = [r for r in mats if r.get("mask_size")]
     n_ov = sum(r["numel"] for r in ov)
     dens = sum(r["changed"] for r in ov) / n_ov if n_ov else None
     out["density"] = dens
-    for name, col in (("stored_principal", "overlap_principal"), ("stored_low", "overlap_low"),
-                      ("ranked_principal", "ranked_overlap_principal"),
-                      ("ranked_low", "ranked_overlap_low")):
+    null_dens = (sum(r["null_changed"] for r in ov) / n_ov
+                 if n_ov and all(r.get("null_changed") is not None for r in ov) else None)
+    out["null_density"] = null_dens
+    for name, col, base in (("stored_principal", "overlap_principal", dens),
+                            ("stored_low", "overlap_low", dens),
+                            ("ranked_principal", "ranked_overlap_principal", dens),
+                            ("ranked_low", "ranked_overlap_low", dens),
+                            ("null_principal", "null_overlap_principal", null_dens),
+                            ("null_low", "null_overlap_low", null_dens)):
         have = [r for r in ov if r.get(col) is not None]
-        s = sum(r["mask_size"] for r in have)
-        v = sum(r[col] * r["mask_size"] for r in have) / s if s and len(have) == len(ov) \
+        size = sum(r["mask_size"] for r in have)
+        v = sum(r[col] * r["mask_size"] for r in have) / size if size and len(have) == len(ov) \
             else None
         out[name] = v
-        out[f"{name}_ratio"] = v / dens if v is not None and dens else None
+        out[f"{name}_ratio"] = v / base if v is not None and base else None
     return out
 
 
@@ -159,7 +197,8 @@ def build_results(config, root: Path, cells: list, results: dict, analysis: dict
     for c in cells:
         r = dict(results[c.id])
         timings[c.id] = {"train_seconds": r.pop("seconds", None),
-                         "diff_seconds": analysis[c.id].get("diff_seconds")}
+                         "diff_seconds": analysis[c.id].get("diff_seconds"),
+                         "null_seconds": analysis[c.id].get("null_seconds")}
         doc["cells"].append(r)
         doc["analysis"][c.id] = _analysis_of(analysis[c.id])
     pairs = _consistency_pairs(cells)
@@ -206,6 +245,29 @@ def _seed_iv(doc, method, family, precision, getter):
     return _iv([v for v in vals if v is not None])
 
 
+def _learning_verdicts(doc: dict) -> list:
+    """One plain sentence per family from the ``rlvr_learns[...]`` claims: by how much
+    RLVR's held-out accuracy rose, or that it did not learn (the issue's budget rule: the
+    lab says so plainly rather than tabulating a run that barely moved)."""
+    out = []
+    for c in doc["claims"]:
+        if not c["name"].startswith("rlvr_learns[") or c["statistic"] is None:
+            continue
+        fam = c["name"][len("rlvr_learns["):-1]
+        gain = (f"{100 * c['statistic']:+.1f} points" + (
+            f" [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" if c["n"] > 1 else "") +
+            f" over {c['n']} seed{'s' if c['n'] != 1 else ''}")
+        need = f"{100 * c['threshold']:.0f} points"
+        if c["verdict"] == "holds":
+            out.append(f"- RLVR learned `{fam}`: held-out accuracy {gain} (more than {need}: "
+                       "holds).")
+        else:
+            out.append(f"- **RLVR did not learn `{fam}` materially**: held-out accuracy "
+                       f"{gain} (needed more than {need}: {c['verdict']}). Its "
+                       "parameter-level rows below describe a run that barely moved.")
+    return out
+
+
 def write_table(doc: dict, path: Path, figs: dict) -> None:
     lab = doc["lab"]
     prec = lab["precision"]
@@ -224,81 +286,92 @@ def write_table(doc: dict, path: Path, figs: dict) -> None:
                  f"{_ivs(r['heldout_acc0'], True)} | {_ivs(r['heldout_acc'], True)} | "
                  f"{_ivs(r['gain'], True)} | {_ivs(r['heldout_expected0'], True)} | "
                  f"{_ivs(r['heldout_expected'], True)} | {_ivs(r['kl'])} |")
+    L += [""] + _learning_verdicts(doc)
     fams = lab["families"]
-    L += ["", f"## Per module kind, RLVR (grpo) beside SFT, precision `{prec}`", "",
-          "Sparsity: bitwise, stored checkpoint (baseline: 0 = every entry changed; the fp32 "
-          "update density says how much the optimizer touched). NSS: median over matrices. "
-          "Angle: median over matrices of the largest principal angle (degrees, k = "
-          f"{lab['k'] or 'diff default min(64, min(m,n)//4)'}). Energy: update energy in the "
-          "top-k subspace over its random baseline (k/m)(k/n) (1 = chance).", "",
-          "| family | kind | sparsity RL | sparsity SFT | fp32 density RL | fp32 density SFT "
-          "| NSS RL | NSS SFT | angle RL | angle SFT | energy/base RL | energy/base SFT |",
-          "|" + "---|" * 12]
+    methods = [m for m in lab["methods"]]
+    kdesc = lab["k"] or "the diff's default min(64, min(m,n)//4)"
+    L += ["", f"## Per module kind, RLVR beside SFT, precision `{prec}`", "",
+          "Every metric next to its random baseline. `null`: the precision-only null, the "
+          "run's own fp32 update with its entries at random positions and random signs, "
+          "stored the same way and measured by the same diff (same |dW| values, same "
+          "storage; only where the update lands differs). Sparsity: bitwise, stored "
+          "checkpoint; fp32 density: entries the optimizer touched. NSS and sv drift "
+          "(largest relative shift of the top-k singular values): median over matrices. "
+          f"Angle: median over matrices of the largest principal angle (degrees, k = {kdesc})."
+          " Energy: update energy in the top-k subspace over its random baseline (k/m)(k/n) "
+          "(1 = chance).", "",
+          "| family | kind | method | sparsity | null | fp32 density | NSS | null | sv drift | "
+          "null | angle | null | energy/base |", "|" + "---|" * 13]
     kinds_present = sorted({k for a in doc["analysis"].values() for k in a["kinds"]},
                            key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
+
+    def getter(group, key):
+        if group == "(network)":
+            return lambda a: a["network"].get(key)
+        if isinstance(group, int):
+            return lambda a: a["layers"].get(str(group), {}).get(key)
+        return lambda a: a["kinds"].get(group, {}).get(key)
+
+    def row(fam, group, m, keys, p=prec):
+        return [_ivs(_seed_iv(doc, m, fam, p, getter(group, key))) for key in keys]
+
     for fam in fams:
         for k in kinds_present:
-            g = lambda key: (lambda a: a["kinds"].get(k, {}).get(key))  # noqa: E731
-            cells = []
-            for key in ("sparsity", "fp32_density", "nss_median", "angle_median",
-                        "energy_ratio"):
-                for m in ("grpo", "sft"):
-                    cells.append(_ivs(_seed_iv(doc, m, fam, prec, g(key))))
-            L.append(f"| {fam} | {k} | " + " | ".join(cells) + " |")
-    L += ["", "## Mask overlaps: stored bf16 mask against the fp32 update ranked by |dW| at "
-          "the same density", "",
-          "Overlap / random baseline (the update density; 1 = chance) with the principal "
-          f"weights Top_{lab['alpha']:g}(|W0^(k)|) and the low-magnitude weights "
+            for m in methods:
+                cells = row(fam, k, m, ("sparsity", "null_sparsity", "fp32_density",
+                                        "nss_median", "null_nss_median", "sv_drift_median",
+                                        "null_sv_drift_median", "angle_median",
+                                        "null_angle_median", "energy_ratio"))
+                L.append(f"| {fam} | {k} | {m} | " + " | ".join(cells) + " |")
+    L += ["", "## Mask overlaps: stored bf16 mask, the fp32 update ranked by |dW| at the same "
+          "density, and the precision-only null", "",
+          "Overlap / random baseline (the mask's own update density; 1 = chance) with the "
+          f"principal weights Top_{lab['alpha']:g}(|W0^(k)|) and the low-magnitude weights "
           f"Bottom_{lab['alpha']:g}(|W0|). The stored mask mixes Gate II (geometry) with Gate "
           "III (bf16's ULP is smaller for small weights); the fp32-ranked mask has no rounding "
-          "threshold, so it isolates geometry.", "",
-          "| family | kind | density RL | princ. stored RL | princ. ranked RL | low stored RL | "
-          "low ranked RL | density SFT | princ. stored SFT | princ. ranked SFT | "
-          "low stored SFT | low ranked SFT |", "|" + "---|" * 12]
+          "threshold, so it isolates geometry; the null's stored mask has the rounding without "
+          "the geometry, so it shows what storage alone does.", "",
+          "| family | kind | method | density | princ. stored | princ. ranked | princ. null | "
+          "low stored | low ranked | low null |", "|" + "---|" * 10]
+    ov_keys = ("density", "stored_principal_ratio", "ranked_principal_ratio",
+               "null_principal_ratio", "stored_low_ratio", "ranked_low_ratio",
+               "null_low_ratio")
     for fam in fams:
         for k in kinds_present + ["(network)"]:
-            def g(key, k=k):
-                if k == "(network)":
-                    return lambda a: a["network"].get(key)
-                return lambda a: a["kinds"].get(k, {}).get(key)
-            cells = []
-            for m in ("grpo", "sft"):
-                for key in ("density", "stored_principal_ratio", "ranked_principal_ratio",
-                            "stored_low_ratio", "ranked_low_ratio"):
-                    cells.append(_ivs(_seed_iv(doc, m, fam, prec, g(key))))
-            if all(c == "-" for c in cells[1:5] + cells[6:]):
-                continue
-            L.append(f"| {fam} | {k} | " + " | ".join(cells) + " |")
-    L += ["", "## Per layer (transformer layers; network rows above)", "",
-          "| family | layer | sparsity RL | sparsity SFT | NSS RL | NSS SFT | angle RL | "
-          "angle SFT | princ. ranked RL | princ. ranked SFT |", "|" + "---|" * 10]
+            for m in methods:
+                cells = row(fam, k, m, ov_keys)
+                if all(c == "-" for c in cells[1:]):
+                    continue
+                L.append(f"| {fam} | {k} | {m} | " + " | ".join(cells) + " |")
+    L += ["", "## Per layer (transformer layers; network rows above; `null` as above)", "",
+          "| family | layer | method | sparsity | null | NSS | null | sv drift | null | angle | "
+          "null | princ. ranked |", "|" + "---|" * 12]
     layers = sorted({int(k) for a in doc["analysis"].values() for k in a["layers"]})
     for fam in fams:
         for li in layers:
-            cells = []
-            for key in ("sparsity", "nss_median", "angle_median", "ranked_principal_ratio"):
-                for m in ("grpo", "sft"):
-                    cells.append(_ivs(_seed_iv(
-                        doc, m, fam, prec,
-                        lambda a, key=key: a["layers"].get(str(li), {}).get(key))))
-            L.append(f"| {fam} | {li} | " + " | ".join(cells) + " |")
+            for m in methods:
+                cells = row(fam, li, m, ("sparsity", "null_sparsity", "nss_median",
+                                         "null_nss_median", "sv_drift_median",
+                                         "null_sv_drift_median", "angle_median",
+                                         "null_angle_median", "ranked_principal_ratio"))
+                L.append(f"| {fam} | {li} | {m} | " + " | ".join(cells) + " |")
     precs = sorted({c["config"]["precision"] for c in doc["cells"]})
     if len(precs) > 1:
-        L += ["", f"## Every precision ({fams[0]}; seeds as available)", "",
-              "| method | precision | n | sparsity | fp32 density | princ. stored | "
-              "princ. ranked | low stored | low ranked | absorbed (mean over kinds) |",
-              "|" + "---|" * 10]
-        for m in ("grpo", "sft"):
+        L += ["", f"## Every precision ({fams[0]}; seeds as available; whole network)", "",
+              "| method | precision | n | sparsity | null | fp32 density | princ. stored | "
+              "princ. ranked | princ. null | low stored | low ranked | low null | "
+              "absorbed (mean over kinds) |", "|" + "---|" * 13]
+        for m in methods:
             for p in precs:
                 runs = [c for c in doc["cells"] if c["config"]["method"] == m
                         and c["config"]["family"] == fams[0] and c["config"]["precision"] == p]
                 if not runs:
                     continue
-                cells = [_ivs(_seed_iv(doc, m, fams[0], p,
-                                       lambda a, key=key: a["network"].get(key)))
-                         for key in ("sparsity", "fp32_density", "stored_principal_ratio",
-                                     "ranked_principal_ratio", "stored_low_ratio",
-                                     "ranked_low_ratio")]
+                cells = row(fams[0], "(network)", m,
+                            ("sparsity", "null_sparsity", "fp32_density",
+                             "stored_principal_ratio", "ranked_principal_ratio",
+                             "null_principal_ratio", "stored_low_ratio", "ranked_low_ratio",
+                             "null_low_ratio"), p=p)
                 ab = _iv([statistics.mean(c["absorbed"].values()) for c in runs
                           if c["absorbed"]])
                 L.append(f"| {m} | {p} | {len(runs)} | " + " | ".join(cells) +

@@ -3,27 +3,33 @@
 :func:`run_lab` runs a :class:`LabConfig` into ``<out>/<name>/``:
 
 1. ``base_bf16/`` and ``base_fp32/``: the starting model saved as Hugging Face folders in the
-   two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest)
-   and ``base_masks_<fmt>.npz``, the principal (``Top_alpha(|W0^(k)|)``) and low-magnitude
-   (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k`` (docs/metrics.md,
-   "Principal and low-magnitude weights");
+   two storage formats (the bf16 one is what every bf16 cell starts from, rounded to nearest;
+   the fp32 one is where the fp32 master weights of ``bf16+master`` start, and what the
+   precision-only null of such a cell adds its update to) and, for each storage format of
+   the cells, ``base_masks_<fmt>.npz``: the principal (``Top_alpha(|W0^(k)|)``) and
+   low-magnitude (``Bottom_alpha(|W0|)``) masks of every matrix at the diff's ``k``
+   (docs/metrics.md, "Principal and low-magnitude weights") and its singular values;
 2. the cells (:func:`gatesim.lab.train.run_cell`) through an executor
    (:mod:`gatesim.executor`), each result appended to ``cells.jsonl`` as it finishes
    (:class:`gatesim.executor.ResultStore`): a rerun skips the finished cells;
 3. for each cell, ``gatesim diff`` of its base and tuned checkpoints into
-   ``cells/<id>/diff/`` plus the fp32-ranked overlaps (:func:`gatesim.lab.analysis.analyze_cell`),
-   through the same executor, stored in ``analysis.jsonl``;
+   ``cells/<id>/diff/``, the fp32-ranked overlaps, the singular-value drift and the
+   precision-only null, every metric's random baseline
+   (:func:`gatesim.lab.analysis.analyze_cell`), through the same executor, stored in
+   ``analysis.jsonl`` (an entry of an earlier analysis version is computed again);
 4. consistency of update masks and updates across seeds, task families and RL recipes,
    the table, the claims and the figures (:mod:`gatesim.lab.report`).
 
-**Default lab** (:func:`default_lab`; measured 26.8 min wall on 2 shared, busy cores, 902 CPU-seconds in all): the bundled MiniLM (all
-22.6M parameters of the encoder), families ``arithmetic`` (which of two number words is
-larger/smaller; 588 training and 252 held-out prompts, 21 candidates) and ``relations``
-(antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on both, 3 seeds, the
-default precision ``bf16+master``; REINFORCE (the second RL recipe) on ``arithmetic`` with
-the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on ``arithmetic``, seed
-0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for RL), lr 5e-5, beta 0.05;
-19 cells.
+**Default lab** (:func:`default_lab`; measured before the precision-only null was added: 6
+min 41 s wall on the idle 2-core machine with 2 workers, 751 CPU-seconds; the null adds one
+diff per cell, about 8 CPU-seconds per cell measured on one cell, so about 1 more minute):
+the bundled MiniLM (all 22.6M parameters of the encoder), families ``arithmetic`` (which of
+two number words is larger/smaller; 588 training and 252 held-out prompts, 21 candidates)
+and ``relations`` (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on
+both, 3 seeds, the default precision ``bf16+master``; REINFORCE (the second RL recipe) on
+``arithmetic`` with the same seeds; pure ``bf16`` and ``fp32`` storage for GRPO and SFT on
+``arithmetic``, seed 0. Each cell: 80 AdamW steps of 8 prompts (x 8 sampled answers for
+RL), lr 5e-5, beta 0.05; 19 cells.
 
 Why these numbers: the lab must finish on a laptop, and RLVR has to learn within it. Pilot
 runs of GRPO (plain torch AdamW, fp32, seed 0, before any claim was computed), held-out
@@ -54,7 +60,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gatesim.lab.train import CellConfig, storage_dtype
-from gatesim.policy import canonical_name
+from gatesim.policy import PrecisionPolicy, canonical_name
 
 __all__ = ["LabConfig", "default_lab", "tiny_lab", "run_lab", "LabError"]
 
@@ -82,6 +88,8 @@ class LabConfig:
     batch: int = 8
     group: int = 8
     beta: float = 0.05
+    clip: float = 0.2
+    ppo_epochs: int = 1
     eval_every: int = 20
     layers: Optional[int] = None
     max_train: Optional[int] = None
@@ -112,9 +120,12 @@ class LabConfig:
     def cell(self, **kw) -> CellConfig:
         base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
                     lr=self.lr, batch=self.batch, group=self.group, beta=self.beta,
-                    eval_every=self.eval_every, model=self.model, layers=self.layers,
-                    max_train=self.max_train, max_heldout=self.max_heldout)
+                    clip=self.clip, ppo_epochs=self.ppo_epochs, eval_every=self.eval_every,
+                    model=self.model, layers=self.layers, max_train=self.max_train,
+                    max_heldout=self.max_heldout)
         base.update(kw)
+        if base.get("method") != "grpo":  # PPO-style passes and clipping are grpo's
+            base["ppo_epochs"] = 1
         return CellConfig(**base)
 
     def cells(self) -> list:
@@ -183,6 +194,11 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
         except json.JSONDecodeError as exc:
             raise LabError(f"{cfg_path} is not JSON ({exc}); delete the folder or pass "
                            "overwrite=True") from None
+        if isinstance(old, dict) and isinstance(old.get("config"), dict):
+            try:   # a lab.json written before a setting existed: its default fills in
+                old["config"] = LabConfig.from_dict(old["config"]).to_dict()
+            except (LabError, TypeError, ValueError):
+                pass
         if old != doc:
             raise LabError(f"{out} holds another lab ({cfg_path} differs); choose another "
                            "--out or pass --overwrite to start over")
@@ -195,27 +211,50 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
     os.replace(tmp, cfg_path)
 
 
-def save_bases(config: LabConfig, out: Path, formats: Sequence[str]) -> dict:
-    """Writes ``base_<fmt>/`` (HF folders) and ``base_masks_<fmt>.npz``; returns
-    ``{fmt: folder}``. Skips what exists (a resumed lab)."""
+def start_format(precision: str) -> str:
+    """The format of the weights a cell's fp32 update starts from: fp32 (the master
+    weights of ``bf16+master``, the weights of ``fp32``) or bf16 (pure ``bf16``)."""
+    policy = PrecisionPolicy.parse(precision)
+    return "fp32" if policy.master or storage_dtype(precision) == "fp32" else "bf16"
+
+
+def save_bases(config: LabConfig, out: Path, formats: Sequence[str],
+               masks_for: Optional[Sequence[str]] = None) -> dict:
+    """Writes ``base_<fmt>/`` (HF folders) for ``formats`` and ``base_masks_<fmt>.npz`` for
+    ``masks_for`` (default: every format); returns ``{fmt: folder}``. Skips what exists (a
+    resumed lab)."""
     import torch
     from gatesim.lab.analysis import save_base_masks
     from gatesim.lab.model import save_checkpoint
     from gatesim.lab.train import build_policy
+    masks_for = set(formats if masks_for is None else masks_for)
     folders, policy = {}, None
     for fmt in formats:
         folder = out / f"base_{fmt}"
         folders[fmt] = folder
         masks = out / f"base_masks_{fmt}.npz"
-        if (folder / "model.safetensors").is_file() and masks.is_file():
+        if (folder / "model.safetensors").is_file() and (fmt not in masks_for
+                                                         or _masks_current(masks)):
             continue
-        if policy is None:
-            policy = build_policy(config.cell())
-        dt = torch.bfloat16 if fmt == "bf16" else torch.float32
-        tensors = {n: p.detach().to(dt).float() for n, p in policy.model.named_parameters()}
-        save_checkpoint(policy, folder, fmt, tensors=tensors)
-        save_base_masks(folder, masks, k=config.k, alpha=config.alpha)
+        if not (folder / "model.safetensors").is_file():
+            if policy is None:
+                policy = build_policy(config.cell())
+            dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+            tensors = {n: p.detach().to(dt).float()
+                       for n, p in policy.model.named_parameters()}
+            save_checkpoint(policy, folder, fmt, tensors=tensors)
+        if fmt in masks_for:
+            save_base_masks(folder, masks, k=config.k, alpha=config.alpha)
     return folders
+
+
+def _masks_current(path: Path) -> bool:
+    """A base mask file of this version (with the singular values ``sv::``)."""
+    if not path.is_file():
+        return False
+    import numpy as np
+    with np.load(path) as z:
+        return any(f.startswith("sv::") for f in z.files)
 
 
 def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
@@ -235,7 +274,7 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
             resumability; rerunning completes the lab).
     """
     from gatesim.executor import ResultStore, make_executor
-    from gatesim.lab.analysis import analyze_cell
+    from gatesim.lab.analysis import ANALYSIS_VERSION, analyze_cell
     from gatesim.lab.report import build_results
     from gatesim.lab.model import resolve_model_path
     config = config or default_lab()
@@ -246,8 +285,9 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
     ex = executor if executor is not None else make_executor(workers, threads=1)
     _prepare(root, config, overwrite)
     t0 = time.perf_counter()
-    formats = sorted({storage_dtype(c.precision) for c in cells})
-    bases = save_bases(config, root, formats)
+    stores = sorted({storage_dtype(c.precision) for c in cells})
+    starts = {start_format(c.precision) for c in cells}
+    bases = save_bases(config, root, sorted(set(stores) | starts), masks_for=stores)
     store = ResultStore(root / "cells.jsonl")
     for c in cells:  # a stored result whose checkpoint is gone is run again
         if c.id in store and not (root / "cells" / c.id / "checkpoint" /
@@ -266,9 +306,13 @@ def run_lab(config: Optional[LabConfig] = None, out="lab", *, executor=None,
         return {"complete": False, "cells_done": sum(c.id in store for c in cells),
                 "cells": len(cells), "out": str(root)}
     astore = ResultStore(root / "analysis.jsonl")
+    for c in cells:  # an analysis of an earlier version is computed again
+        if c.id in astore and astore.get(c.id).get("version") != ANALYSIS_VERSION:
+            astore.discard(c.id)
     ids = {c.id for c in cells}
     atodo = [(c.id, {"cell": c.to_dict(), "lab": str(root),
                      "base": str(bases[storage_dtype(c.precision)]),
+                     "start": str(bases[start_format(c.precision)]),
                      "masks": str(root / f"base_masks_{storage_dtype(c.precision)}.npz"),
                      "k": config.k, "alpha": config.alpha, "figures": config.diff_figures,
                      "ranked_update": _ranked_update(root, c, ids)})
