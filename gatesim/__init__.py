@@ -11,7 +11,7 @@ from gatesim.precision import MODES, absorbed, quantize, random_bits, to_dtype, 
 from gatesim.update import UpdateStats, apply_update
 from gatesim.tracking import track
 
-__version__ = "0.1.0"
+from gatesim._version import __version__
 
 __all__ = [
     "Format", "FP32", "TF32", "BF16", "FP16", "E4M3FN", "E5M2", "FORMATS", "as_format",

@@ -19,12 +19,15 @@ from typing import Optional, Sequence
 
 import torch
 
-import gatesim
+from gatesim._ops import cpu_isa
+from gatesim._version import __version__
+from gatesim.formats import BF16, E4M3FN, FP16
+from gatesim.precision import absorbed, quantize
 from gatesim.weights import DEFAULT_MATRIX, bundled_model_path, load_matrix
 
 DEMO_MATRICES = (DEFAULT_MATRIX, "encoder.layer.0.attention.self.query.weight",
                  "encoder.layer.5.intermediate.dense.weight")
-DEMO_FORMATS = (gatesim.BF16, gatesim.FP16, gatesim.E4M3FN)
+DEMO_FORMATS = (BF16, FP16, E4M3FN)
 DEMO_STEPS = (1e-6, 1e-5, 1e-4)
 
 
@@ -38,11 +41,11 @@ def absorbed_table(seed: int = 0) -> list[dict]:
         w32 = load_matrix(name)
         noise = torch.randn(w32.shape, generator=gen)
         for fmt in DEMO_FORMATS:
-            w = gatesim.quantize(w32, fmt)
+            w = quantize(w32, fmt)
             for step in DEMO_STEPS:
                 delta = noise * step
                 for mode in ("nearest_even", "stochastic"):
-                    mask = gatesim.absorbed(w, delta, fmt, mode, seed=seed)
+                    mask = absorbed(w, delta, fmt, mode, seed=seed)
                     rows.append(dict(matrix=name, shape=tuple(w.shape), fmt=str(fmt), step=step,
                                      mode=mode, absorbed=float(mask.float().mean())))
     return rows
@@ -50,8 +53,8 @@ def absorbed_table(seed: int = 0) -> list[dict]:
 
 def cmd_absorbed(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    print(f"gatesim {gatesim.__version__} demo on {bundled_model_path()} "
-          f"(CPU kernels: {gatesim.cpu_isa()})")
+    print(f"gatesim {__version__} demo on {bundled_model_path()} "
+          f"(CPU kernels: {cpu_isa()})")
     print("Fraction of a random update w <- w + step * N(0,1) that the stored format absorbs")
     print("(the stored weight keeps its bits although the update is non-zero):\n")
     rows = absorbed_table(args.seed)
@@ -107,8 +110,8 @@ def _run_sweep(sweep, args) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gatesim.sim.config import demo_sweep
-    print(f"gatesim {gatesim.__version__}: gate factorial on {bundled_model_path()} "
-          f"(CPU kernels: {gatesim.cpu_isa()}, {args.workers} workers)")
+    print(f"gatesim {__version__}: gate factorial on {bundled_model_path()} "
+          f"(CPU kernels: {cpu_isa()}, {args.workers} workers)")
     return _run_sweep(demo_sweep(), args)
 
 

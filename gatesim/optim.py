@@ -84,7 +84,7 @@ def _adam_candidates(device: torch.device) -> list[int]:
 def adam_probe(device: torch.device, large_weight: bool, variants=None):
     """Torch's ops and the fused step on the same 69635 values; returns the inputs, torch's
     (exp_avg, exp_avg_sq, direction) and, per variant, the fused step's (also used by
-    benchmarks/gpu_check.py to show which part differs when no variant matches)."""
+    benchmarks/cuda/cuda_report.py to show which part differs when no variant matches)."""
     g = torch.Generator().manual_seed(0)
     n = (1 << 16) + 4099  # several CPU chunks and a partial statistics block
 
@@ -220,7 +220,7 @@ class _Emulated(torch.optim.Optimizer):
         return apply_update(
             p.data, delta.contiguous(), fmt=self._format(p), mode=pol.mode,
             master=st.get("master"), compensation=st.get("compensation"), alpha=alpha,
-            decay=decay, sum=pol.sum, seed=pol.seed if pol.mode == "stochastic" else None,
+            decay=decay, sum_mode=pol.sum, seed=pol.seed if pol.mode == "stochastic" else None,
             offset=self._offsets[id(p)], step=step)
 
     def _scratch_pair(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,7 +147,7 @@ def ulp(x: torch.Tensor, fmt: FormatLike) -> torch.Tensor:
     """Spacing of ``fmt`` at each element of ``x`` (float32 in, float32 out).
 
     For ``|x|`` in ``[2**e, 2**(e+1))`` with ``e >= emin`` the ULP is ``2**(e - mbits)``
-    (docs/metrics.md, "ULP": ULP_bf16(w) = 2**(e-7)); at zero and below the smallest
+    (docs/metrics.md, "ULP and Gate III": ULP_bf16(w) = 2**(e-7)); at zero and below the smallest
     normal it is the smallest spacing (``min_subnormal``); inf gives inf and NaN gives
     NaN. ``x`` need not be representable in ``fmt``: its own binade decides.
     """

@@ -79,8 +79,8 @@ def _ray_task(fn: Callable[[Any], Any], payload: Any, threads: int) -> Any:
 
 def _probe(paths: Sequence[str]) -> Tuple[str, list, str]:
     """Runs on one node: its name, the paths it cannot see, its gatesim version."""
-    import gatesim
-    return _node(), [p for p in paths if not os.path.exists(p)], gatesim.__version__
+    from gatesim._version import __version__
+    return _node(), [p for p in paths if not os.path.exists(p)], __version__
 
 
 def _fmt_bytes(n: float) -> str:
@@ -229,7 +229,7 @@ class RayExecutor:
                     num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                         n["NodeID"], soft=False)).remote(paths)
                 for n in self._nodes()]
-        from gatesim import __version__
+        from gatesim._version import __version__
         problems = []
         for node, missing, version in ray.get(refs):
             if missing:

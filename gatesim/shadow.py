@@ -73,7 +73,7 @@ class ShadowWeights:
         statistics (also added to :attr:`total`, unless built with ``sum_stats=False``)."""
         p = self.policy
         st = apply_update(self.weights, delta, fmt=self.fmt, mode=p.mode, master=self.master,
-                          compensation=self.compensation, alpha=alpha, decay=decay, sum=p.sum,
+                          compensation=self.compensation, alpha=alpha, decay=decay, sum_mode=p.sum,
                           seed=self.seed if p.stochastic else None, offset=self.offset,
                           step=step)
         if self.total is not None:

@@ -44,7 +44,6 @@ SUM_MODES = ("exact", "fp32")
 # below 2**-24, bin j (1..32) is [2**(j-25), 2**(j-24)), bin 33 is at or above 2**8. Zero
 # and non-finite updates are not in the histogram (see UpdateStats.zero and the nonfinite
 # counts).
-_N_HIST = HIST_BINS   # old private name, still imported by gatesim.tracking (to be switched)
 
 
 def _stats_to_host(counts: torch.Tensor, mass: torch.Tensor) -> tuple:

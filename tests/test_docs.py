@@ -85,3 +85,38 @@ def test_slug_follows_github():
     assert _slug("Network lab (`gatesim lab`): the second thing to run") == \
         "network-lab-gatesim-lab-the-second-thing-to-run"
     assert _slug("Metrics: what the tests found") == "metrics-what-the-tests-found"
+
+
+# A citation of a section in prose or a docstring: docs/metrics.md, "Overlap" (also with
+# "(" or a newline between the path and the quoted heading).
+_SECTION_CITE = re.compile(r"docs/([\w\-]+\.md)[ ,(]{0,4}\s*\"([^\"]+)\"")
+
+
+def _headings(md: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", md.read_text(encoding="utf-8"), flags=re.S)
+    return {m.group(1).strip() for m in re.finditer(r"^#+\s+(.*)$", text, flags=re.M)}
+
+
+def test_cited_sections_exist():
+    cites, bad = 0, []
+    for p in _project_files():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for m in _SECTION_CITE.finditer(text):
+            cites += 1
+            doc = ROOT / "docs" / m.group(1)
+            heading = " ".join(m.group(2).split())  # a citation may wrap across lines
+            if not doc.exists() or heading not in _headings(doc):
+                bad.append(f"{p.relative_to(ROOT)}: docs/{m.group(1)}, \"{heading}\"")
+    assert cites > 10  # the pattern still finds the citations the code makes
+    assert not bad, "citations of sections that do not exist:\n" + "\n".join(bad)
+
+
+def test_section_citation_check_bites(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("# A\n\n## Overlap\n", encoding="utf-8")
+    assert _headings(doc) == {"A", "Overlap"}
+    m = _SECTION_CITE.search("see docs/" + 'metrics.md, "Overlap(M_update, M)".')
+    assert m and m.group(2) not in _headings(ROOT / "docs" / "metrics.md")

@@ -1,6 +1,6 @@
 """The paper's relative probe against bitwise equality, for every pair of bf16 values.
 
-docs/metrics.md ("Update sparsity, bitwise"): the probe ``|w1 - w0| <= eta * max(|w0|, |w1|)``
+docs/metrics.md ("Update sparsity"): the probe ``|w1 - w0| <= eta * max(|w0|, |w1|)``
 with ``eta = 1e-3`` is equivalent to bitwise equality for bf16 values.
 
 ``test_probe_equals_bitwise_all_bf16_pairs`` checks that claim **exhaustively**: all

@@ -138,7 +138,7 @@ def test_randomized_is_deterministic_per_seed():
 
 
 def test_randomized_principal_masks_on_minilm():
-    """docs/metrics.md, "Randomized SVD warning". On 8 real MiniLM matrices (384x384, 1536x384,
+    """docs/metrics.md, "SVD engine". On 8 real MiniLM matrices (384x384, 1536x384,
     384x1536) at k = 64 (1/6 of the smaller dimension) and alpha = 0.05 and 0.1, the
     principal-weight mask from a randomized SVD agrees with the exact one
     (|M_rand & M_exact| / |M_exact|) at a median >= 0.98 with the enforced settings

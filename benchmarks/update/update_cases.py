@@ -319,9 +319,9 @@ def check_storage(s: ReplayState, steps: int = 3) -> None:
     kp_g, kc_g = s.kahan_param.clone(), s.kahan_comp.clone()
     for _ in range(steps):
         p_t.add_(s.delta)
-        gatesim.apply_update(p_g, s.delta, sum="fp32", stats=False)
+        gatesim.apply_update(p_g, s.delta, sum_mode="fp32", stats=False)
         eager_kahan(kp_t, kc_t, s.delta)
-        gatesim.apply_update(kp_g, s.delta, compensation=kc_g, sum="fp32", stats=False)
+        gatesim.apply_update(kp_g, s.delta, compensation=kc_g, sum_mode="fp32", stats=False)
     for what, a, b in (("bf16 storage", p_t, p_g), ("Kahan param", kp_t, kp_g),
                        ("Kahan compensation", kc_t, kc_g)):
         if not torch.equal(a.view(torch.int16), b.view(torch.int16)):

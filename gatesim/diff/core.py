@@ -45,8 +45,8 @@ a small part of the space); ``k=`` fixes it (capped at ``min(m, n)``). Default
 singular value and the top-``k`` vectors from a direct eigendecomposition of the smaller
 Gram matrix, no sampling (see its docstring for the accuracy, which the tests check against
 a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compute_svd`
-(about 5..15x slower here). Randomized SVD is not offered (docs/metrics.md, "Randomized SVD
-warning").
+(about 5..15x slower here). Randomized SVD is not offered (docs/metrics.md, "SVD
+engine").
 
 **Output and resume** (``out=``): ``config.json`` (both inputs' absolute paths, every
 file's name, size and header hash, the map and the settings), ``rows.jsonl`` (a

@@ -43,7 +43,7 @@ def overlaps(upd: np.ndarray, princ: np.ndarray, low: np.ndarray) -> dict:
 
 def energy_normF(W0: torch.Tensor, W1: torch.Tensor, svd0: BaseSVD, k: int):
     """``(||U0_k^T Delta V0_k||_F^2 / ||Delta||_F^2, ||Delta||_F)`` (docs/metrics.md, "Energy
-    of an update in the top-k subspace"; NaN energy for a zero update)."""
+    in the top-k subspace"; NaN energy for a zero update)."""
     from gatesim.diff.gram import _rows64
     U, _, Vh = svd0.top(k)
     m, n = W0.shape

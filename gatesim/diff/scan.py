@@ -19,7 +19,7 @@ bin 0, so only the gathered pairs go through :func:`gatesim.metrics.sparsity`, a
 parts are added. With ``bitwise_only`` the gather and the finer metrics are skipped: the
 pass then only counts (the fast "bitwise-sparsity-only" mode).
 
-Definitions are those of docs/metrics.md ("Update sparsity, bitwise"): +0 and -0 are
+Definitions are those of docs/metrics.md ("Update sparsity"): +0 and -0 are
 equal, NaN never equals anything. Integer and bool tensors compare bits only (no zero or
 NaN rule); float64 tensors get the bitwise count and the non-finite counts but no
 relative/atol/ULP metrics (:mod:`gatesim.metrics` does not take float64).

@@ -31,6 +31,8 @@ from typing import Optional, Union
 
 import torch
 
+from gatesim.formats import FORMATS
+
 __all__ = ["Policy", "load_model", "save_checkpoint", "model_kind", "resolve_model_path",
            "make_tiny_model", "ModelError"]
 
@@ -154,7 +156,8 @@ def load_model(path: Union[str, os.PathLike, None] = None,
     return Policy(model, tokenizer, kind, p)
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+#: Checkpoint dtypes by format name (gatesim.formats is the one table of formats).
+_DTYPES = {name: FORMATS[name].torch_dtype for name in ("bf16", "fp32", "fp16")}
 
 
 def save_checkpoint(policy: Policy, folder: Union[str, os.PathLike], dtype: str = "fp32",
@@ -187,8 +190,7 @@ def save_checkpoint(policy: Policy, folder: Union[str, os.PathLike], dtype: str 
     save_file(out, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
     cfg = policy.model.config.to_dict()
-    cfg["torch_dtype"] = cfg["dtype"] = {"bf16": "bfloat16", "fp32": "float32",
-                                         "fp16": "float16"}[dtype]
+    cfg["torch_dtype"] = cfg["dtype"] = str(target).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
                                         encoding="utf-8")
     policy.tokenizer.save_pretrained(str(folder))

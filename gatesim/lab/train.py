@@ -196,12 +196,12 @@ def _optimizer(cfg: CellConfig, policy, log_dir: Path):
         from gatesim.optim import EmulatedAdamW
         opt = EmulatedAdamW(named, policy=PrecisionPolicy.parse(cfg.precision), **kw)
         return opt, None, lambda: dict(opt.last_stats)
-    import gatesim
+    from gatesim.tracking import track
     if cfg.precision == "bf16":
         policy.model.to(torch.bfloat16)
         named = list(policy.model.named_parameters())
     opt = torch.optim.AdamW([p for _, p in named], foreach=False, **kw)
-    tracker = gatesim.track(opt, model=policy.model, log=log_dir / "track.jsonl")
+    tracker = track(opt, model=policy.model, log=log_dir / "track.jsonl")
     return opt, tracker, lambda: {n: s for (n, pol), s in tracker.last_stats.items()
                                   if pol == "own"}
 

@@ -1,6 +1,6 @@
 """Weight masks and their overlaps, each next to the value chance would give.
 
-Definitions (docs/metrics.md, "Principal weights", "Cross-run consistency"):
+Definitions (docs/metrics.md, "Principal and low-magnitude weights", "Cross-run consistency"):
 
 * principal weights ``M_princ = Top_alpha(|W0^(k)|)``: the ``alpha`` fraction of entries
   with the largest magnitude in the rank-``k`` SVD reconstruction
@@ -139,7 +139,7 @@ def principal_mask_core(svd0: BaseSVD, k: int, alpha: float, *,
 def principal_mask(W0: torch.Tensor, k: int, alpha: float, *,
                    svd0: Optional[BaseSVD] = None) -> torch.Tensor:
     """``M_princ = Top_alpha(|W0^(k)|)``, ``W0^(k)`` the rank-``k`` SVD reconstruction
-    (docs/metrics.md, "Principal weights"); the SVD is ``svd0`` or the cached exact one."""
+    (docs/metrics.md, "Principal and low-magnitude weights"); the SVD is ``svd0`` or the cached exact one."""
     check_matrix(W0, "W0")
     check_k(k, *W0.shape)
     alpha = check_alpha(alpha)
@@ -168,7 +168,7 @@ def low_magnitude_mask_core(W0: torch.Tensor, alpha: float, *,
 
 
 def low_magnitude_mask(W0: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``M_low = Bottom_alpha(|W0|)`` (docs/metrics.md, "Low-magnitude weights")."""
+    """``M_low = Bottom_alpha(|W0|)`` (docs/metrics.md, "Principal and low-magnitude weights")."""
     check_matrix(W0, "W0")
     alpha = check_alpha(alpha)
     if W0.device.type == "cpu":
@@ -237,7 +237,7 @@ def overlap_excluding_core(update, mask, exclude) -> Overlap:
 
 def overlap(update: torch.Tensor, mask: torch.Tensor) -> Overlap:
     """``|update & mask| / |mask|`` and its random baseline ``|update| / N``
-    (docs/metrics.md, "Overlap(M_update, M)")."""
+    (docs/metrics.md, "Overlap")."""
     check_mask(update, "update")
     check_mask(mask, "mask", update, "update")
     return overlap_core(update, mask)
@@ -280,7 +280,7 @@ class Jaccard:
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> Jaccard:
     """Jaccard index of two update masks with its independent-Bernoulli baseline
-    (docs/metrics.md, "Cross-run consistency of update masks"). NaN when both are empty."""
+    (docs/metrics.md, "Cross-run consistency"). NaN when both are empty."""
     check_mask(a, "a")
     check_mask(b, "b", a, "a")
     n = a.numel()

@@ -1,6 +1,6 @@
 """Update sparsity between two checkpoints of one tensor, three ways, and ULP distances.
 
-Definitions (docs/metrics.md, "Definitions"):
+Definitions (docs/metrics.md, "Update sparsity"):
 
 * **bitwise** (the paper's "bf16-aware" sparsity, Zhu et al. 2511.08567): the fraction of
   entries whose stored bits are identical in ``w0`` and ``w1``; +0 and -0 count as equal,
@@ -303,7 +303,7 @@ def sparsity(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = DEFAULT_ETA,
              chunk: int = DEFAULT_CHUNK, backend: Optional[str] = None) -> SparsityResult:
     """Update sparsity of ``w0 -> w1`` by every definition, plus the ULP-distance histogram.
 
-    Formulas (docs/metrics.md, "Update sparsity, bitwise" and "... absolute tolerance"):
+    Formulas (docs/metrics.md, "Update sparsity" and "... absolute tolerance"):
     ``bitwise = #{bits(w0) == bits(w1) or both +-0, neither NaN} / n``;
     ``relative = #{w0 == w1 or |w1 - w0| <= eta * max(|w0|, |w1|)} / n`` (both finite for
     the inequality); ``atol[t] = #{w0 == w1 or |w1 - w0| <= t} / n``. Values compare in

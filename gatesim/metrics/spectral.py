@@ -1,6 +1,6 @@
 """Spectral metrics of an update ``W0 -> W1`` (``Delta = W1 - W0``), each with its source.
 
-Definitions from docs/metrics.md ("Definitions"), in float64 on the exactly
+Definitions from docs/metrics.md, in float64 on the exactly
 converted stored values; every SVD comes from :func:`gatesim.metrics.base_svd` (exact and
 cached by default; see :mod:`gatesim.metrics.svd`):
 
@@ -113,7 +113,7 @@ def subspace_angles(Q0: torch.Tensor, Q1: torch.Tensor) -> torch.Tensor:
 class PrincipalAngles:
     """Principal angles (degrees, ascending) between top-``k`` singular subspaces of W0
     and W1: ``left`` for ``U``, ``right`` for ``V``; ``left_max``/``right_max`` the
-    largest (docs/metrics.md, "Principal angles ...")."""
+    largest (docs/metrics.md, "Principal angles")."""
 
     k: int
     left: torch.Tensor
@@ -187,7 +187,7 @@ def _delta(W0: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
 def update_energy(W0: torch.Tensor, W1: torch.Tensor, k: int, *,
                   svd0: Optional[BaseSVD] = None) -> Energy:
     """``||U0_k^T Delta V0_k||_F^2 / ||Delta||_F^2`` with ``Delta = W1 - W0`` and its random
-    baseline ``(k/m)(k/n)`` (docs/metrics.md, "Energy of an update in the top-k subspace").
+    baseline ``(k/m)(k/n)`` (docs/metrics.md, "Energy in the top-k subspace").
     NaN for a zero update."""
     _pair(W0, W1)
     m, n = W0.shape

@@ -19,7 +19,7 @@ float64's (~1e-16) is not. CUDA tensors use torch on the device.
 
 **Randomized path** (``method="randomized"``): Halko, Martinsson & Tropp (2011), Alg. 4.4,
 randomized subspace iteration with a QR after every product, a seeded Gaussian test matrix
-(``torch.Generator``), float64. docs/metrics.md ("Randomized SVD warning"): with ``q = k + 10``
+(``torch.Generator``), float64. docs/metrics.md ("SVD engine"): with ``q = k + 10``
 and ``niter = 2`` principal-weight masks of real trained matrices were only 43%..69% right,
 so ``q >= 2k`` and ``niter >= 8`` are enforced; ``unsafe=True`` lifts the guard
 explicitly. Every randomized result carries its error estimate:

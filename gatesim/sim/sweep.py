@@ -19,7 +19,7 @@ Output directory ``<out>/<sweep name>/``:
                   "acc_ratio": {p10, p50, p90, below_half},  # |acc|/ulp_bf16(w0)
                   "policies": {policy: {bitwise_sparsity, relative_sparsity, atol_sparsity,
                                update_density, absorbed_fraction, absorbed_updates,
-                               nonzero_updates, absorbed_mass, hist (34 bins of
+                               nonzero_updates, absorbed_mass, hist (HIST_BINS = 34 bins of
                                log2(|u|/ulp), gatesim.update.HIST_EDGES_LOG2),
                                step_ratio_own_ulp {p10, p50, p90}, nss,
                                angle_left_max_deg, angle_right_max_deg (k = config k),

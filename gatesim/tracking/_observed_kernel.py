@@ -19,9 +19,9 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-N_COUNTS = 8 + 34  # UpdateStats counters then the 34 histogram bins
-_HIST_LO = -24
-_HIST_BINS = 34
+from gatesim.stat_layout import HIST_BINS as _HIST_BINS
+from gatesim.stat_layout import HIST_LO_LOG2 as _HIST_LO
+from gatesim.stat_layout import N_STATS as N_COUNTS  # UpdateStats counters, then the histogram
 
 #: after_kind: how the stored "after" bits encode a value.
 KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2

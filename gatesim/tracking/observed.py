@@ -10,15 +10,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from gatesim.formats import Format, as_format
+from gatesim.formats import STORAGE_DTYPES, Format, as_format
+from gatesim.stat_layout import STAT_FIELDS
 from gatesim.update import UpdateStats, apply_update
 
 __all__ = ["observed_stats", "step_stats", "TRACKED_DTYPES", "CPU_CHUNK"]
 
 #: Parameter dtypes the tracker observes.
 TRACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+assert set(TRACKED_DTYPES) <= set(STORAGE_DTYPES)  # the kernel reads these bit layouts
 #: UpdateStats counters before the histogram in the kernel's counts (its layout).
-_N_COUNTERS = 8
+_N_COUNTERS = len(STAT_FIELDS)
 
 
 def _stats_from_counts(counts: Sequence[int], mass: float) -> UpdateStats:
