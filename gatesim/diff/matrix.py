@@ -10,12 +10,11 @@ input checks 0.8 s, against 2.8 s for both decompositions. ``tests/test_diff_sca
 checks that the cores give the public functions' numbers exactly.
 
 The energy of the update in the top-``k`` subspace and ``||Delta||_F`` are accumulated
-over row blocks in float64 (:func:`energy_normF`), so no full-size float64 ``Delta``
-exists; they match :func:`gatesim.metrics.update_energy` to rounding.
+over row blocks in float64 by :func:`gatesim.metrics.update_energy_core` (the body of
+:func:`gatesim.metrics.update_energy`), here with the diff's reused row buffers.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -25,13 +24,11 @@ from gatesim.diff._scratch import buffer
 from gatesim.metrics.masks import (low_magnitude_mask_core, overlap_core,
                                    overlap_excluding_core, principal_mask_core)
 from gatesim.metrics.sparsity import update_mask_core
-from gatesim.metrics.spectral import energy_baseline, nss_core, principal_angles_core
+from gatesim.metrics.spectral import (energy_baseline, nss_core, principal_angles_core,
+                                      update_energy_core)
 from gatesim.metrics.svd import BaseSVD, compute_svd
 
-__all__ = ["overlaps", "energy_normF", "matrix_metrics"]
-
-_BLOCK = 1 << 21
-
+__all__ = ["overlaps", "matrix_metrics"]
 
 def overlaps(upd: np.ndarray, princ: np.ndarray, low: np.ndarray) -> dict:
     """The three overlap columns of a diff row (those of :func:`gatesim.metrics.compare`):
@@ -39,25 +36,6 @@ def overlaps(upd: np.ndarray, princ: np.ndarray, low: np.ndarray) -> dict:
     return {"overlap_principal": overlap_core(upd, princ),
             "overlap_low": overlap_core(upd, low),
             "overlap_principal_not_low": overlap_excluding_core(upd, princ, low)}
-
-
-def energy_normF(W0: torch.Tensor, W1: torch.Tensor, svd0: BaseSVD, k: int):
-    """``(||U0_k^T Delta V0_k||_F^2 / ||Delta||_F^2, ||Delta||_F)`` (docs/metrics.md, "Energy
-    in the top-k subspace"; NaN energy for a zero update)."""
-    from gatesim.diff.gram import _rows64
-    U, _, Vh = svd0.top(k)
-    m, n = W0.shape
-    step = max(1, _BLOCK // n)
-    P = torch.zeros(k, k, dtype=torch.float64)
-    V = Vh.T.contiguous()
-    tot = 0.0
-    for s in range(0, m, step):
-        e = min(m, s + step)
-        D = _rows64(W1, s, e, "rows64").sub_(_rows64(W0, s, e, "rows64b"))
-        tot += float(torch.linalg.vector_norm(D).square())
-        P += U[s:e].T @ (D @ V)
-    val = float(P.square().sum()) / tot if tot > 0 else math.nan
-    return val, math.sqrt(tot)
 
 
 def matrix_metrics(W0: torch.Tensor, W1: torch.Tensor, k: int, alpha: float, *,
@@ -73,7 +51,8 @@ def matrix_metrics(W0: torch.Tensor, W1: torch.Tensor, k: int, alpha: float, *,
     tsvd = time.perf_counter() - t0
     m, n = W0.shape
     ang = principal_angles_core(s0, s1, k)
-    energy, normF = energy_normF(W0, W1, s0, k)
+    from gatesim.diff.gram import _rows64
+    energy, normF = update_energy_core(W0, W1, s0, k, rows64=_rows64)
     row = dict(spectral="ok", k=k, alpha=alpha, nss=nss_core(s0.S, s1.S),
                angle_left_max_deg=ang.left_max, angle_right_max_deg=ang.right_max,
                angles_left_deg=_angles_json(ang.left),

@@ -9,7 +9,7 @@ numbers without checks, on the representation the checkpoint diff already holds
 (decompositions, numpy masks, reused buffers): :func:`update_mask_core`,
 :func:`nss_core`, :func:`principal_angles_core`, :func:`select_core` (Top/Bottom_alpha),
 :func:`principal_mask_core`, :func:`low_magnitude_mask_core`, :func:`overlap_core`,
-:func:`overlap_excluding_core`. A core trusts its caller: pass it what the public function
+:func:`overlap_excluding_core`, :func:`update_energy_core`. A core trusts its caller: pass it what the public function
 would have accepted.
 
 * Sparsity (:mod:`~gatesim.metrics.sparsity`): :func:`sparsity` (bitwise, relative probe,
@@ -52,7 +52,8 @@ from gatesim.metrics.similarity import Cosine, cosine, cosine_baseline_sd
 from gatesim.metrics.spectral import (Energy, PrincipalAngles, SpectralResult,
                                       effective_rank, energy_baseline, nss, nss_core,
                                       principal_angles, principal_angles_core, spectral,
-                                      stable_rank, subspace_angles, update_energy)
+                                      stable_rank, subspace_angles, update_energy,
+                                      update_energy_core)
 from gatesim.metrics.svd import (DEFAULT_CACHE, BaseSVD, SVDCache, base_svd, clear_svd_cache,
                                  compute_svd, singular_values)
 
@@ -70,4 +71,5 @@ __all__ = [
     "compare", "table",
     "update_mask_core", "nss_core", "principal_angles_core", "select_core",
     "principal_mask_core", "low_magnitude_mask_core", "overlap_core", "overlap_excluding_core",
+    "update_energy_core",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,7 +36,8 @@ from gatesim.metrics.svd import BaseSVD, base_svd, compute_svd, singular_values
 
 __all__ = ["nss", "principal_angles", "subspace_angles", "update_energy", "energy_baseline",
            "effective_rank", "stable_rank", "spectral", "PrincipalAngles", "Energy",
-           "SpectralResult", "singular_values", "nss_core", "principal_angles_core"]
+           "SpectralResult", "singular_values", "nss_core", "principal_angles_core",
+           "update_energy_core"]
 
 
 def _pair(W0, W1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,12 +194,41 @@ def update_energy(W0: torch.Tensor, W1: torch.Tensor, k: int, *,
     m, n = W0.shape
     check_k(k, m, n)
     s0 = _svd_arg(svd0, W0, "svd0") or base_svd(W0, name="W0")
-    U, _, Vh = s0.top(k)
-    D = _delta(W0, W1)
-    tot = torch.linalg.matrix_norm(D).square()
-    val = float(torch.linalg.matrix_norm(U.T @ D @ Vh.T).square() / tot) if tot > 0 \
-        else math.nan
+    val, _ = update_energy_core(W0, W1, s0, k)
     return Energy(k, val, energy_baseline(k, m, n))
+
+
+#: Elements of ``Delta`` per row block of :func:`update_energy_core` (16 MiB of float64).
+_ENERGY_BLOCK = 1 << 21
+
+
+def _rows_float64(W: torch.Tensor, s: int, e: int, slot: str) -> torch.Tensor:
+    """Rows ``s:e`` of ``W`` as a new float64 tensor (``slot`` names a reusable buffer in
+    :func:`gatesim.diff.gram._rows64`; here every call allocates)."""
+    return W[s:e].to(torch.float64, copy=True)
+
+
+def update_energy_core(W0: torch.Tensor, W1: torch.Tensor, svd0: BaseSVD, k: int, *,
+                       rows64: Callable = _rows_float64) -> tuple:
+    """``(energy, ||Delta||_F)`` of :func:`update_energy`, unchecked: ``Delta`` is formed in
+    float64 one block of rows at a time (no full-size float64 copy), the projection
+    ``U0_k^T Delta V0_k`` summed over the blocks. ``rows64(W, s, e, slot)`` gives rows
+    ``s:e`` of ``W`` as a float64 tensor it may overwrite, ``slot`` ``"rows64"`` for ``W1``
+    and ``"rows64b"`` for ``W0`` (``gatesim.diff`` passes one that reuses a buffer per
+    slot)."""
+    U, _, Vh = svd0.top(k)
+    m, n = W0.shape
+    step = max(1, _ENERGY_BLOCK // n)
+    P = torch.zeros(k, k, dtype=torch.float64)
+    V = Vh.T.contiguous()
+    tot = 0.0
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        D = rows64(W1, s, e, "rows64").sub_(rows64(W0, s, e, "rows64b"))
+        tot += float(torch.linalg.vector_norm(D).square())
+        P += U[s:e].T @ (D @ V)
+    val = float(P.square().sum()) / tot if tot > 0 else math.nan
+    return val, math.sqrt(tot)
 
 
 def _erank_from_values(s: torch.Tensor) -> float:

@@ -80,42 +80,32 @@ RECORD_KEYS = tuple(f.name for f in dataclasses.fields(RecordHead)) + tuple(
     UpdateStats().to_dict())
 
 
+#: The UpdateStats counts the frames and summaries carry, in their column order (the
+#: histogram and the rarely non-zero counters stay in the log records).
+SUM_FIELDS = ("n", "changed", "absorbed", "zero", "absorbed_mass", "nonfinite_delta",
+              "nonfinite_result")
+
+
 @dataclasses.dataclass
 class Sums:
-    """UpdateStats counts summed over records (the frames and summaries); ``steps``: records
-    added (the steps a parameter was tracked, for per-parameter totals)."""
+    """The :class:`UpdateStats` of many records added with ``+`` (the frames and summaries);
+    ``steps``: records added (the steps a parameter was tracked, for per-parameter totals)."""
 
-    n: int = 0
-    changed: int = 0
-    absorbed: int = 0
-    zero: int = 0
-    absorbed_mass: float = 0.0
-    nonfinite_delta: int = 0
-    nonfinite_result: int = 0
+    stats: UpdateStats = dataclasses.field(default_factory=UpdateStats)
     steps: int = 0
 
     def add(self, st: UpdateStats) -> None:
-        self.n += st.n
-        self.changed += st.changed
-        self.absorbed += st.absorbed
-        self.zero += st.zero
-        self.absorbed_mass += st.absorbed_mass
-        self.nonfinite_delta += st.nonfinite_delta
-        self.nonfinite_result += st.nonfinite_result
+        self.stats = self.stats + st
         self.steps += 1
 
     @property
     def absorbed_fraction(self) -> float:
-        nz = self.n - self.zero
-        return self.absorbed / nz if nz else 0.0
+        return self.stats.absorbed_fraction
 
     @property
     def changed_fraction(self) -> float:
-        return self.changed / self.n if self.n else 0.0
+        return self.stats.changed / self.stats.n if self.stats.n else 0.0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-#: The summed columns of :class:`Sums` (without ``steps``), as the frames name them.
-SUM_FIELDS = tuple(f.name for f in dataclasses.fields(Sums) if f.name != "steps")
+        """The :data:`SUM_FIELDS` and ``steps``."""
+        return {**{f: getattr(self.stats, f) for f in SUM_FIELDS}, "steps": self.steps}

@@ -194,7 +194,7 @@ class Tracker:
         ``nonfinite_delta``, ``nonfinite_result``."""
         import pandas as pd
         keys = ("optimizer", "step", "kind", "policy")
-        rows = [dict(zip(keys, k), **{f: getattr(v, f) for f in SUM_FIELDS})
+        rows = [dict(zip(keys, k), **{f: getattr(v.stats, f) for f in SUM_FIELDS})
                 for k, v in self._sink.steps.items()]
         return pd.DataFrame(rows, columns=list(keys + SUM_FIELDS))
 
