@@ -105,7 +105,9 @@ def test_control_a_bare_pool_would_be_left_behind(tmp_path):
 @pytest.fixture(scope="module")
 def slow_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("slow")
-    return planted_pair(root, n=20, size=192)
+    # enough work that a run is far from done when the tests act on it (at 20 x 192 a
+    # loaded machine once let the run reach its exit before the Ctrl-C arrived)
+    return planted_pair(root, n=48, size=256)
 
 
 def _cli(b, t, out, *extra):

@@ -177,6 +177,11 @@ def main() -> int:
                     out["paper"][name] = _timed(lambda: _run_cmd(
                         ["ablate", str(pcfg), "--out", str(tmp / f"paper_{name}"), "--quiet",
                          *spec]))
+                    out["paper"][f"{name}_load"] = os.getloadavg()[0]
+                paper_bytes = [(tmp / f"paper_{n}" / "paper" / "results.json").read_bytes()
+                               for n in ("pool", "ray")]
+                assert paper_bytes[0] == paper_bytes[1], "paper: Ray and pool results differ"
+                out["paper"]["same_bytes"] = True
             else:
                 out["paper"] = None
     finally:
@@ -223,8 +228,10 @@ def report(o: dict, a) -> str:
     L += ["", f"Every run (s, in order): {runs}.", ""]
     if o.get("paper"):
         p, r = o["paper"]["pool"], o["paper"]["ray"]
-        L.append(f"`paper` sweep (command setting, one run each): process pool {p:.0f} s, "
-                 f"Ray {r:.0f} s (Ray / pool {r / p:.2f}).")
+        L.append(f"`paper` sweep (command setting, one run each, pool first): process pool "
+                 f"{p:.0f} s (1-min load after it {o['paper']['pool_load']:.1f}), Ray {r:.0f} s "
+                 f"(load {o['paper']['ray_load']:.1f}); Ray / pool {r / p:.2f}; the two "
+                 "results.json have the same bytes.")
     else:
         L.append("`paper` sweep: not timed in this run (`--paper`; needs "
                  "`gatesim.sim.config.paper_sweep`).")

@@ -79,7 +79,7 @@ class CellConfig:
     """One cell of the lab: method x family x precision x seed (and the shared settings).
 
     Defaults are the lab's (:mod:`gatesim.lab.run` documents why): 80 AdamW steps, lr 5e-5,
-    betas (0.9, 0.999), no weight decay; 8 prompts x 8 samples per step; beta 0.05."""
+    betas (0.9, 0.999), no weight decay; 8 prompts x 8 samples per step; beta 0.5."""
 
     method: str = "grpo"
     family: str = "arithmetic"
@@ -89,7 +89,7 @@ class CellConfig:
     batch: int = 8
     group: int = 8
     lr: float = 5e-5
-    beta: float = 0.05
+    beta: float = 0.5
     clip: float = 0.2
     ppo_epochs: int = 1
     weight_decay: float = 0.0
