@@ -118,6 +118,11 @@ class LabConfig:
     k: Optional[int] = None
     alpha: float = 0.05
     diff_figures: bool = True
+    #: restricted arms (:mod:`gatesim.lab.arms`): each method x family x seed runs once per
+    #: arm; () = the ordinary lab (every cell the full arm).
+    arms: tuple = ()
+    rank: int = 8
+    mask_file: Optional[str] = None
 
     def __post_init__(self):
         from gatesim.lab.task import FAMILIES
@@ -137,6 +142,17 @@ class LabConfig:
             if fam not in FAMILIES:
                 raise LabError(f"families: unknown task family {fam!r}; choose from "
                                f"{FAMILIES}")
+        from gatesim.lab.arms import ARMS
+        for a in self.arms:
+            if a not in ARMS:
+                raise LabError(f"arms: unknown arm {a!r}; choose from {ARMS}")
+        if len(set(self.arms)) != len(self.arms):
+            raise LabError(f"arms repeat: {self.arms}")
+        if ("mask" in self.arms) != (self.mask_file is not None):
+            raise LabError("the 'mask' arm needs mask_file, and mask_file needs the 'mask' "
+                           "arm")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LabError(f"rank must be an int >= 1, got {self.rank!r}")
 
     def cell(self, **kw) -> CellConfig:
         base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
@@ -153,8 +169,12 @@ class LabConfig:
         out = []
         for fam in self.families:
             for m in self.methods:
-                for s in self.seeds:
-                    out.append(self.cell(method=m, family=fam, seed=s))
+                for arm in (self.arms or ("full",)):
+                    extra = {} if arm == "full" else dict(
+                        arm=arm, rank=self.rank,
+                        mask_file=self.mask_file if arm == "mask" else None)
+                    for s in self.seeds:
+                        out.append(self.cell(method=m, family=fam, seed=s, **extra))
         if self.second_recipe:
             for s in self.seeds:
                 out.append(self.cell(method=self.second_recipe, family=self.families[0],
