@@ -25,6 +25,16 @@ from gatesim.sim.policies import DEFAULT_POLICIES
 POLICIES = DEFAULT_POLICIES + ("bf16+kahan", "bf16_sr+kahan", "fp16_sr+master")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine a two-thread LAPACK SVD spins for
+    seconds where one thread takes 0.1 s (the lab's workers run with one thread too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _bits(t):
     return t.detach().contiguous().view(torch.int32).clone()
 
@@ -247,10 +257,10 @@ def test_tiny_arm_sweep_runs_reports_and_resumes(tiny_model, tmp_path):
     mask_file = tmp_path / "mine.safetensors"
     save_file(user, str(mask_file))
     cfg = tiny_arms_lab(model=str(tiny_model), layers=None, seeds=(0, 1), steps=2,
-                        arms=("full", "principal", "safe", "random", "lora", "pissa", "mask"),
+                        arms=("full", "principal", "safe", "lora", "pissa", "mask"),
                         mask_file=str(mask_file))
     cells = cfg.cells()
-    assert len(cells) == 2 * 7 * 2
+    assert len(cells) == 2 * 6 * 2
     part = run_lab(cfg, tmp_path, workers=1, progress=False, limit=4)
     assert part["complete"] is False and part["cells_done"] == 4
     root = tmp_path / cfg.name
@@ -263,9 +273,9 @@ def test_tiny_arm_sweep_runs_reports_and_resumes(tiny_model, tmp_path):
     # trainable counts: adapters and the matched masks train r (m + n) per matrix
     want = sum(adapter_count(params[n].shape, 2) for n in names)
     by_arm = {e["arm"]: e for e in on_disk["arms"] if e["method"] == "grpo"}
-    assert set(by_arm) == {"full", "principal", "safe", "random", "lora", "pissa", "mask"}
+    assert set(by_arm) == {"full", "principal", "safe", "lora", "pissa", "mask"}
     assert by_arm["full"]["trainable"] == sum(p.numel() for p in params.values())
-    for a in ("principal", "random", "lora", "pissa"):
+    for a in ("principal", "lora", "pissa"):
         assert by_arm[a]["trainable"] == want, a
     assert 0 < by_arm["safe"]["trainable"] <= want
     assert by_arm["mask"]["trainable"] == sum(int(m.sum()) for m in user.values())
