@@ -27,9 +27,9 @@ norms, biases) is frozen in a restricted arm:
   stored factors, ``update_fp32`` the merge from the fp32 master factors minus the stored
   start.
 
-Trainable counts at the default size (bundled MiniLM, 6 layers, rank 8): full 22,713,216
+Trainable counts at the default size (bundled MiniLM, 6 layers, rank 8): full 22,565,376
 (every parameter); ``lora``, ``pissa``, ``principal``, ``low``, ``random`` 331,776 each
-(``8 (m + n)`` per matrix); ``safe`` slightly fewer (the low-magnitude entries that are
+(``8 (m + n)`` per matrix); ``safe`` 331,305 (the 471 low-magnitude entries that are
 also principal are dropped); each cell's result records its count (``trainable``).
 
 All arms share the lab's settings (lr, steps, beta): one learning rate for every arm is a
