@@ -342,3 +342,29 @@ def test_arm_claims_follow_the_numbers():
     got = {c.name: c for c in check_arm_claims(doc)}
     assert got["arms_principal_lowest[grpo/f]"].verdict == "fails"
     assert got["arms_safe_near_full[grpo/f]"].verdict == "fails"
+
+
+# -- the single-matrix simulation ------------------------------------------------------------
+def test_sim_mask_restricts_the_simulated_matrix(tmp_path):
+    import numpy as np
+    from gatesim.sim.config import CellConfig as SimCell
+    from gatesim.sim.run import DELTA_KEY, run_cell as sim_cell
+    from gatesim.sim.task import Task
+    cfg = SimCell(rows=32, steps=6, eval_every=3, k=4, mask="safe", mask_density=0.2,
+                  lr=1e-2, policies=("bf16", "bf16+master", "fp16"), null_policies=(),
+                  train_policy="bf16+master")
+    sim_cell(cfg, mask_path=tmp_path / "m.npz")
+    # (a replayed policy that re-draws stochastic rounding from an fp32 master every step,
+    # bf16_sr+master, changes stored entries that get no update at all: not the mask's doing)
+    W0 = Task(cfg).W0
+    want = build_mask("safe", W0, 0.2, k=4, seed=0, name=cfg.matrix)
+    with np.load(tmp_path / "m.npz") as z:
+        delta = torch.from_numpy(z[DELTA_KEY])
+        assert bool((delta[~want] == 0).all()) and bool((delta[want] != 0).any())
+        for pol in cfg.policies:
+            upd = np.unpackbits(z[pol])[: W0.numel()].reshape(W0.shape).astype(bool)
+            assert not upd[~want.numpy()].any(), pol
+    with pytest.raises(ValueError, match="mask must be one of"):
+        SimCell(mask="top")
+    with pytest.raises(ValueError, match="needs a mask"):
+        SimCell(mask_density=0.1)
