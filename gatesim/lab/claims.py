@@ -177,7 +177,7 @@ def check_arm_claims(doc: dict) -> list:
                 "below"))
         for a, b, name, thr, side, text in (
                 ("safe", "full", "arms_safe_near_full", -SAFE_MARGIN, "above",
-                 f"the safe-mask arm ends within {SAFE_MARGIN:.0%} points of full "
+                 f"the safe-mask arm ends within {SAFE_MARGIN * 100:g} accuracy points of full "
                  "fine-tuning (safe - full > -margin per seed)"),
                 ("pissa", "lora", "arms_pissa_not_better", 0.0, "below",
                  "PiSSA ends no better than LoRA at equal rank (pissa - lora < 0 per seed)")):
