@@ -286,7 +286,8 @@ def write_arms_table(doc: dict, figure: Optional[str]) -> list:
     claims = [c for c in doc.get("claims", []) if c["name"].startswith("arms_")]
     if claims:
         L += ["", "### Claims on the arms", "",
-              "| claim | mean | 95% interval | n | threshold | verdict |", "|---|---|---|---|---|---|"]
+              "| claim | mean | 95% interval | n | threshold | verdict |",
+              "|---|---|---|---|---|---|"]
         for c in claims:
             iv = "-" if c["lo"] is None else f"[{c['lo']:.3f}, {c['hi']:.3f}]"
             L.append(f"| {c['name']}: {c['statement']} | {_g(c['statistic'], '{:.3f}')} | {iv} "
