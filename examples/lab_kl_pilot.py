@@ -7,12 +7,12 @@ Rule: the default beta is the smallest beta of the grid with
 If none qualifies, the finding is reported and the default is left as it is.
 Result (2026-12-05): beta = 0.5 (table in gatesim/lab/run.py). About 20 CPU-minutes.
 
-    .venv/bin/python examples/lab_kl_pilot.py [OUT]    (OUT default: ./kl_pilot)"""
+    .venv/bin/python examples/lab_kl_pilot.py [OUT]    (OUT default: results/kl_pilot)"""
 import json, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from gatesim.lab.train import CellConfig, run_cell
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "kl_pilot"
+OUT = sys.argv[1] if len(sys.argv) > 1 else "results/kl_pilot"
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 FAMS = ("arithmetic", "relations")
 

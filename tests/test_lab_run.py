@@ -135,14 +135,14 @@ def _doc(gains, sparsity_rl, sparsity_sft):
         for m, s in (("grpo", srl), ("sft", ssft)):
             cid = f"{m}-{i}"
             cells.append({"id": cid, "config": {"method": m, "family": "f", "seed": i,
-                                                "precision": "bf16_master"},
+                                                "precision": "bf16+master"},
                           "final": {"heldout_acc0": 0.1, "heldout_acc": 0.1 + g}})
             analysis[cid] = {"network": {"sparsity": s, "nss_median": 1e-3,
                                          "sv_drift_median": 1e-4 if m == "grpo" else 1e-3,
                                          "angle_median": 1.0,
                                          "ranked_principal_ratio": 0.9,
                                          "stored_low_ratio": 2.0, "ranked_low_ratio": 1.0}}
-    return {"lab": {"precision": "bf16_master"}, "cells": cells, "analysis": analysis,
+    return {"lab": {"precision": "bf16+master"}, "cells": cells, "analysis": analysis,
             "consistency": []}
 
 
@@ -175,10 +175,10 @@ def test_ppo_clipping_reaches_grpo_cells_only():
     add_lab_parser(parser.add_subparsers())
     cfg = config_from_args(parser.parse_args(["lab", "--ppo-epochs", "3", "--clip", "0.1"]))
     by = {(c.method, c.family, c.precision, c.seed): c for c in cfg.cells()}
-    g = by[("grpo", "arithmetic", "bf16_master", 0)]
+    g = by[("grpo", "arithmetic", "bf16+master", 0)]
     assert g.ppo_epochs == 3 and g.clip == 0.1 and g.id.endswith("-ppo3")
     for m in ("sft", "reinforce"):
-        c = by[(m, "arithmetic", "bf16_master", 0)]
+        c = by[(m, "arithmetic", "bf16+master", 0)]
         assert c.ppo_epochs == 1 and "ppo" not in c.id
     plain = config_from_args(parser.parse_args(["lab"]))
     assert all(c.ppo_epochs == 1 for c in plain.cells())

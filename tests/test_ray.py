@@ -306,13 +306,30 @@ def test_killed_driver_resumes_with_the_same_bytes(ray_cluster, sweep_ref, tmp_p
     assert (out / "mini" / "results.json").read_bytes() == ref
 
 
+def _ray_client_server_logs() -> str:
+    """The tail of every per-client server log of the current Ray session."""
+    import glob
+    out = []
+    for f in sorted(glob.glob("/tmp/ray/session_latest/logs/ray_client_server_*.err")):
+        with open(f, errors="replace") as fh:
+            out.append(f"--- {f}\n" + fh.read()[-2000:])
+    return "\n".join(out)
+
+
 def test_cli_diff_through_ray_client(ray_cluster, diff_ref, tmp_path):
     """``--executor ray://HOST:PORT`` from a separate driver process (Ray Client)."""
     b, t, serial = diff_ref
-    r = subprocess.run([sys.executable, "-m", "gatesim", "diff", str(b), str(t), "--out",
-                        str(tmp_path / "d"), "--executor", ray_cluster["client"],
-                        "--no-progress", "--no-figures"],
-                       capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "gatesim", "diff", str(b), str(t), "--out",
+           str(tmp_path / "d"), "--executor", ray_cluster["client"], "--no-progress",
+           "--no-figures"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    if r.returncode != 0 and "Starting Ray client server failed" in r.stderr:
+        # Ray's proxy could not start its per-client server process (a CI run once saw
+        # this, with no log left to say why). That is Ray's start-up, not gatesim's
+        # work through the client: try once more, and keep Ray's own log for the message.
+        ray_log = _ray_client_server_logs()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:] + "\nfirst attempt, Ray's log:\n" + ray_log
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "d" / "rows.csv").read_bytes() == (serial / "rows.csv").read_bytes()
 

@@ -20,9 +20,9 @@
 4. consistency of update masks and updates across seeds, task families and RL recipes,
    the table, the claims and the figures (:mod:`gatesim.lab.report`).
 
-**Default lab** (:func:`default_lab`; measured before the precision-only null was added: 6
-min 41 s wall on the idle 2-core machine with 2 workers, 751 CPU-seconds; the null adds one
-diff per cell, about 8 CPU-seconds per cell measured on one cell, so about 1 more minute):
+**Default lab** (:func:`default_lab`; 911 CPU-seconds with the precision-only null, 751
+before it; 6 min 41 s wall on the idle 2-core machine with 2 workers before the null, 15 min
+37 s with it while another job held one of the two cores: BENCHMARKS.md, "Network lab"):
 the bundled MiniLM (all 22.6M parameters of the encoder), families ``arithmetic`` (which of
 two number words is larger/smaller; 588 training and 252 held-out prompts, 21 candidates)
 and ``relations`` (antonyms both ways; 83 / 35 prompts, 59 candidates); GRPO and SFT on
