@@ -3,7 +3,7 @@
 The paper's practical claim (arXiv 2511.08567, "The Path Not Taken") is about which weights a
 parameter-efficient method lets RLVR move. This module builds the restrictions; the lab runs
 them (:mod:`gatesim.lab.arms`) and the gate simulation applies a mask to its matrix
-(``SimConfig.mask``).
+(``gatesim.sim.config.CellConfig.mask``).
 
 **Masks** (bool, True = trainable), built from the starting matrix ``W0`` with the
 definitions of :mod:`gatesim.metrics.masks` (docs/metrics.md, "Principal and low-magnitude

@@ -270,6 +270,13 @@ def test_tiny_arm_sweep_runs_reports_and_resumes(tiny_model, tmp_path):
     assert len(keys) == len(set(keys)) == len(cells) and first <= set(keys)
     on_disk = json.loads((root / "results.json").read_text())
     assert on_disk["schema"] == "gatesim.lab.results/3"
+    # resumed by content: the same path with other masks in it is refused, nothing rerun
+    other = {n: ~m for n, m in user.items()}
+    save_file(other, str(mask_file))
+    with pytest.raises(LabError, match="mask file changed"):
+        run_lab(cfg, tmp_path, workers=1, progress=False)
+    assert [json.loads(line)["key"] for line in open(root / "cells.jsonl")] == keys
+    save_file(user, str(mask_file))
     # trainable counts: adapters and the matched masks train r (m + n) per matrix
     want = sum(adapter_count(params[n].shape, 2) for n in names)
     by_arm = {e["arm"]: e for e in on_disk["arms"] if e["method"] == "grpo"}

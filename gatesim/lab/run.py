@@ -151,6 +151,8 @@ class LabConfig:
         if ("mask" in self.arms) != (self.mask_file is not None):
             raise LabError("the 'mask' arm needs mask_file, and mask_file needs the 'mask' "
                            "arm")
+        if self.mask_file is not None and not Path(self.mask_file).is_file():
+            raise LabError(f"mask_file {self.mask_file!r} is not a file")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise LabError(f"rank must be an int >= 1, got {self.rank!r}")
 
@@ -225,10 +227,24 @@ def _bar(progress: bool, total: int, desc: str, done: int = 0):
     return tqdm(total=total, initial=done, desc=desc, unit="cell")
 
 
+def _input_checksums(config: LabConfig) -> dict:
+    """Checksums of the files a lab reads (the model folder's weight files, the user's
+    mask file): a lab is resumed only on the same bytes, not merely the same paths."""
+    from gatesim.integrity import checksum_file
+    from gatesim.lab.model import resolve_model_path
+    folder = resolve_model_path(config.model)
+    out = {f"model/{p.name}": checksum_file(p) for p in sorted(folder.iterdir())
+           if p.is_file() and p.suffix in (".safetensors", ".bin")}
+    if config.mask_file is not None:
+        out["mask_file"] = checksum_file(config.mask_file)
+    return out
+
+
 def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "lab.json"
-    doc = {"tool": "gatesim.lab", "version": 1, "config": config.to_dict()}
+    doc = {"tool": "gatesim.lab", "version": 1, "config": config.to_dict(),
+           "inputs": _input_checksums(config)}
     if cfg_path.exists() and not overwrite:
         try:
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -240,8 +256,13 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
                 old["config"] = LabConfig.from_dict(old["config"]).to_dict()
             except (LabError, TypeError, ValueError):
                 pass
+            # a lab.json written before inputs were recorded: the folder names them
+            old.setdefault("inputs", doc["inputs"])
         if old != doc:
-            raise LabError(f"{out} holds another lab ({cfg_path} differs); choose another "
+            what = ("the model's weights or the mask file changed since it ran"
+                    if isinstance(old, dict) and old.get("config") == doc["config"]
+                    else f"{cfg_path} differs")
+            raise LabError(f"{out} holds another lab ({what}); choose another "
                            "--out or pass --overwrite to start over")
         return
     if overwrite:

@@ -167,6 +167,11 @@ class CellConfig:
         d["betas"] = list(self.betas)
         d["policies"] = list(self.policies)
         d["null_policies"] = list(self.null_policies)
+        # an unrestricted cell is written as before the restriction fields existed, so the
+        # configs, streams and results of earlier sweeps keep their bytes
+        for key in ("mask", "mask_density"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
