@@ -64,6 +64,27 @@ def test_cosine_by_hand():
     assert cosine_baseline_sd(100) == 0.1
 
 
+def test_cosine_same_bits_whatever_the_thread_count():
+    # torch's float64 dot of 3M entries gives other last digits at 1 and 2 threads on this
+    # machine (a pool driver and a Ray driver disagreed); the cosine must not
+    from gatesim.metrics.similarity import dot64
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3_000_000, generator=g)
+    b = torch.randn(3_000_000, generator=g)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            got.append((cosine(a, b).value, dot64(a, b)))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1] == got[2]
+    # against an exact sum: the float32 products are exact in float64, math.fsum adds exactly
+    exact = math.fsum((a.double() * b.double()).tolist())
+    assert abs(got[0][1] - exact) <= 1e-9 * math.fsum((a.double() * b.double()).abs().tolist())
+
+
 def test_cosine_baseline_matches_random_directions():
     # the empirical sd of cosines of independent Gaussian directions is within 10% of 1/sqrt(n)
     g = torch.Generator().manual_seed(0)

@@ -277,6 +277,7 @@ def pair_consistency(lab: Path, a: str, b: str) -> dict:
     """Jaccard of stored update masks and cosine of fp32 updates of cells ``a`` and ``b``,
     per module kind and ``"all"`` (module docstring)."""
     from gatesim.metrics import cosine_baseline_sd, jaccard_baseline
+    from gatesim.metrics.similarity import dot64
     from safetensors import safe_open
     lab = Path(lab)
     ma, mb = (np.load(lab / "cells" / c / "update_mask.npz") for c in (a, b))
@@ -289,7 +290,7 @@ def pair_consistency(lab: Path, a: str, b: str) -> dict:
             n = da.numel()
             ua, ub = _unpack(ma[name], n), _unpack(mb[name], n)
             s = [int((ua & ub).sum()), int((ua | ub).sum()), int(ua.sum()), int(ub.sum()), n,
-                 float(da @ db), float(da @ da), float(db @ db)]
+                 dot64(da, db), dot64(da, da), dot64(db, db)]
             for key in (_kind(name), "all"):
                 t = acc.setdefault(key, [0, 0, 0, 0, 0, 0.0, 0.0, 0.0])
                 for i, v in enumerate(s):

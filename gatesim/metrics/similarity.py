@@ -12,11 +12,23 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from gatesim.metrics._checks import check_pair
 
-__all__ = ["Cosine", "cosine", "cosine_baseline_sd"]
+__all__ = ["Cosine", "cosine", "cosine_baseline_sd", "dot64"]
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``sum(a * b)`` in float64, the same bits whatever torch's thread count: torch's own
+    dot splits the sum by thread (a CI run's pool and Ray drivers, at 2 threads and 1,
+    disagreed in the last digits of a cosine). The products are exact for float32 inputs;
+    numpy adds them by its single-threaded pairwise summation, whose order depends only
+    on the length."""
+    x = a.detach().reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
+    y = b.detach().reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
+    return float(np.add.reduce(x * y))
 
 
 def cosine_baseline_sd(n: int) -> float:
@@ -49,7 +61,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> Cosine:
     b64 = b.detach().reshape(-1).to(torch.float64)
     if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
         raise ValueError("cosine: the updates must be finite")
-    na, nb = float(torch.linalg.vector_norm(a64)), float(torch.linalg.vector_norm(b64))
-    value = float(a64 @ b64) / (na * nb) if na > 0 and nb > 0 else math.nan
+    na, nb = math.sqrt(dot64(a64, a64)), math.sqrt(dot64(b64, b64))
+    value = dot64(a64, b64) / (na * nb) if na > 0 and nb > 0 else math.nan
     n = a64.numel()
     return Cosine(value, 0.0, cosine_baseline_sd(n), n)
