@@ -179,6 +179,73 @@ class _Emulated(torch.optim.Optimizer):
         #: Use the fused Adam step where it gives torch's bits (see :func:`adam_variant`);
         #: False keeps torch's separate ops (tests compare the two).
         self.fused = True
+        #: Restriction masks (:meth:`set_mask`): id(param) -> (mask, frozen stored values).
+        self._masks: dict[int, tuple] = {}
+
+    # -- restriction masks -----------------------------------------------------------
+    def set_mask(self, param: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Restricts ``param``'s updates to the entries where ``mask`` is True (None lifts
+        the restriction). From then on, at every step, the gradient of a masked-out entry
+        is taken as zero after any coupled weight decay, so its optimizer state (momentum,
+        ``exp_avg``, ``exp_avg_sq``) stays exactly zero (the state is zeroed there now) and
+        its update is zero; and its stored bits, fp32 master value and Kahan compensation
+        are put back after the write, so they never change under any policy (decoupled
+        weight decay and stochastic rounding from a master copy would otherwise move
+        them). The step's :class:`UpdateStats` are those of the write before the put-back:
+        they count a masked-out entry only where decay or rounding alone would have moved
+        it. ``mask``: a bool tensor of ``param``'s shape on its device."""
+        if id(param) not in self._names:
+            raise ValueError("set_mask: the tensor is not a parameter of this optimizer")
+        name = self._names[id(param)]
+        if mask is None:
+            self._masks.pop(id(param), None)
+            return
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"set_mask({name}): the mask must be a torch.Tensor, got "
+                            f"{type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"set_mask({name}): the mask must be torch.bool, got {mask.dtype}")
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(f"set_mask({name}): mask shape {tuple(mask.shape)} != parameter "
+                             f"shape {tuple(param.shape)}")
+        if mask.device != param.device:
+            raise ValueError(f"set_mask({name}): mask on {mask.device}, parameter on "
+                             f"{param.device}")
+        mask = mask.detach().clone().contiguous()
+        keep = ~mask
+        st = self.state[param]
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key in st:
+                st[key].masked_fill_(keep, 0.0)
+        frozen = {"stored": param.data[keep].clone()}
+        for key in ("master", "compensation"):
+            if key in st:
+                frozen[key] = st[key][keep].clone()
+        self._masks[id(param)] = (mask, keep, frozen)
+
+    def mask_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The restriction mask of ``param`` (:meth:`set_mask`), or None."""
+        m = self._masks.get(id(param))
+        return None if m is None else m[0]
+
+    def _masked_grad(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` with the masked-out entries of ``p`` set to zero (a new tensor)."""
+        m = self._masks.get(id(p))
+        if m is None:
+            return grad
+        return grad.masked_fill(m[1], 0.0)
+
+    def _restore_masked(self, p: torch.Tensor) -> None:
+        """Puts back the stored bits, master and compensation of masked-out entries."""
+        m = self._masks.get(id(p))
+        if m is None:
+            return
+        keep, frozen = m[1], m[2]
+        st = self.state[p]
+        p.data[keep] = frozen["stored"]
+        for key in ("master", "compensation"):
+            if key in frozen:
+                st[key][keep] = frozen[key]
 
     # -- storage -------------------------------------------------------------------
     def _format(self, p: torch.Tensor) -> Format:
@@ -304,6 +371,7 @@ class EmulatedSGD(_Emulated):
                 step = st.get("step", 0)
                 if wd != 0:
                     grad = grad.add(self._weights(p), alpha=wd)
+                grad = self._masked_grad(p, grad)
                 if mom != 0:
                     buf = st.get("momentum_buffer")
                     if buf is None:
@@ -313,6 +381,7 @@ class EmulatedSGD(_Emulated):
                         self._round_state(buf.mul_(mom).add_(grad, alpha=1 - damp))
                     grad = grad.add(buf, alpha=mom) if nest else buf
                 stats = self._write(p, grad, alpha=-lr, decay=1.0, step=step)
+                self._restore_masked(p)
                 st["step"] = step + 1
                 self._record(p, stats, step)
         self._finish_step()
@@ -361,6 +430,7 @@ class EmulatedAdam(_Emulated):
                         decay = 1 - lr * wd
                     else:
                         grad = grad.add(self._weights(p), alpha=wd)
+                grad = self._masked_grad(p, grad)
                 exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
                 bias_correction1 = 1 - beta1 ** step
                 bias_correction2 = 1 - beta2 ** step
@@ -370,6 +440,7 @@ class EmulatedAdam(_Emulated):
                 variant = self._fused_variant(p, grad, abs(1 - beta1) >= 0.5)
                 if variant is not None:
                     stats = self._write_adam(p, grad, coef, variant, decay, step - 1)
+                    self._restore_masked(p)
                     self._record(p, stats, step - 1)
                     continue
                 self._round_state(exp_avg.lerp_(grad, 1 - beta1))
@@ -378,6 +449,7 @@ class EmulatedAdam(_Emulated):
                 _direction(exp_avg, _sqrt(exp_avg_sq, torch_math, out=denom),
                            bias_correction2_sqrt, eps, step_size, out=delta)
                 stats = self._write(p, delta, alpha=1.0, decay=decay, step=step - 1)
+                self._restore_masked(p)
                 self._record(p, stats, step - 1)
         self._finish_step()
         return loss

@@ -10,7 +10,8 @@ from gatesim.lab.model import make_tiny_model
 from gatesim.lab.report import SCHEMA
 from gatesim.lab.run import LabError, run_lab, tiny_lab
 
-CELL_KEYS = {"id", "config", "task", "curve", "evals", "absorbed", "changed", "numel", "final"}
+CELL_KEYS = {"id", "config", "task", "curve", "evals", "absorbed", "changed", "numel", "final",
+             "trainable"}
 AGG_KEYS = {"numel", "changed", "sparsity", "fp32_density", "nss_median", "sv_drift_median",
             "angle_median", "angle_max", "energy_ratio", "density", "stored_principal",
             "stored_principal_ratio", "stored_low", "stored_low_ratio", "ranked_principal",

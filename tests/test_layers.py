@@ -58,6 +58,7 @@ MODULE_LAYER = {
     "stat_layout": "core",
     "tracking": "tracking",
     "metrics": "metrics",
+    "restrict": "metrics",
     "diff": "diff",
     "sim": "sim",
     "lab": "lab",

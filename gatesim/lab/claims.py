@@ -19,12 +19,15 @@ import math
 from gatesim.claims import Claim, make_claim
 from gatesim.lab.train import storage_dtype
 
-__all__ = ["check_lab_claims", "LEARN_GAIN", "COSINE_SDS"]
+__all__ = ["check_lab_claims", "check_arm_claims", "LEARN_GAIN", "COSINE_SDS", "SAFE_MARGIN"]
 
 #: "RLVR learns": held-out accuracy gain (after - before), in accuracy points.
 LEARN_GAIN = 0.10
 #: a cosine counts as aligned when it exceeds this many random-baseline sds (1/sqrt(N)).
 COSINE_SDS = 3.0
+#: "the safe mask tracks full fine-tuning": its final held-out accuracy is at most this many
+#: accuracy points below the full arm's (per seed), fixed before any arm sweep ran.
+SAFE_MARGIN = 0.05
 
 
 def _claim(name, statement, values, threshold, side) -> Claim:
@@ -129,4 +132,56 @@ def check_lab_claims(doc: dict, rl: str = "grpo") -> list:
             f"1/sqrt(N) exceeds {COSINE_SDS:g} (whole network, per pair)",
             [x["cosine"] / x["cosine_baseline_sd"] if x.get("cosine") is not None else None
              for x in net], COSINE_SDS, "above"))
+    return out
+
+
+def _arm_acc(doc: dict, method: str, family: str) -> dict:
+    """{arm: {seed: final held-out accuracy}} of the arm cells of one method and family."""
+    out: dict = {}
+    for c in doc["cells"]:
+        cf = c["config"]
+        if cf["method"] == method and cf["family"] == family:
+            out.setdefault(cf.get("arm", "full"), {})[cf["seed"]] = c["final"]["heldout_acc"]
+    return out
+
+
+def check_arm_claims(doc: dict) -> list:
+    """The restricted arms' claims (:mod:`gatesim.lab.arms`), per method and family, on the
+    final held-out accuracy matched by seed (a seed missing from an arm drops out):
+
+    * ``arms_principal_lowest``: the principal-mask arm ends lowest: principal minus the
+      lowest of the other arms < 0 (the paper: true under RLVR; under SFT it
+      expects the opposite, principal weights are where SFT learns);
+    * ``arms_safe_near_full``: the safe-mask arm ends within :data:`SAFE_MARGIN` of full
+      fine-tuning: safe - full > -SAFE_MARGIN;
+    * ``arms_pissa_not_better``: PiSSA is no better than LoRA at equal rank: pissa - lora
+      < 0 (an interval around 0 is inconclusive).
+
+    Only claims whose arms the lab ran are made."""
+    out = []
+    keys = sorted({(c["config"]["method"], c["config"]["family"]) for c in doc["cells"]})
+    for m, f in keys:
+        acc = _arm_acc(doc, m, f)
+        tag = f"[{m}/{f}]"
+        expect = ("the paper expects this under RLVR" if m in ("grpo", "reinforce") else
+                  "under SFT the paper expects the opposite (principal weights learn)")
+        if "principal" in acc and len(acc) > 1:
+            vals = []
+            for s, v in sorted(acc["principal"].items()):
+                others = [a[s] for arm, a in acc.items() if arm != "principal" and s in a]
+                vals.append(v - min(others) if others else None)
+            out.append(_claim(
+                f"arms_principal_lowest{tag}",
+                f"{m}: the principal-mask arm ends with the lowest held-out accuracy of all "
+                f"arms (principal - lowest other arm < 0 per seed; {expect})", vals, 0.0,
+                "below"))
+        for a, b, name, thr, side, text in (
+                ("safe", "full", "arms_safe_near_full", -SAFE_MARGIN, "above",
+                 f"the safe-mask arm ends within {SAFE_MARGIN * 100:g} accuracy points of full "
+                 "fine-tuning (safe - full > -margin per seed)"),
+                ("pissa", "lora", "arms_pissa_not_better", 0.0, "below",
+                 "PiSSA ends no better than LoRA at equal rank (pissa - lora < 0 per seed)")):
+            if a in acc and b in acc:
+                vals = [acc[a][s] - acc[b][s] for s in sorted(acc[a]) if s in acc[b]]
+                out.append(_claim(f"{name}{tag}", f"{m}: {text}", vals, thr, side))
     return out

@@ -19,6 +19,9 @@ examples:
   gatesim lab --out results --workers 2         same, explicit
   gatesim lab --model ./my-small-causal-lm --families arithmetic --seeds 0 1 2
   gatesim lab --tiny --out /tmp/lab             a lab of seconds (one layer, 3 steps)
+  gatesim lab --arms all --workers 1            restricted arms: full, principal, low, safe,
+                                                random masks, LoRA, PiSSA (GRPO and SFT, 3 seeds)
+  gatesim lab --arms full,mask --mask-file my_masks.safetensors   your own masks
 
 Rerunning the same command after an interruption runs only the missing cells.
 """
@@ -56,6 +59,14 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=None,
                    help="PPO clip range epsilon of grpo (default 0.2)")
     p.add_argument("--layers", type=int, default=None, help="keep the first N layers")
+    p.add_argument("--arms", default=None,
+                   help="restricted arms, comma-separated, or 'all' (full, principal, low, "
+                        "safe, random, lora, pissa; 'mask' with --mask-file): the arm sweep "
+                        "(gatesim.lab.arms; default family arithmetic, no extra precisions)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="adapter rank of the arms; masks train as many entries (default 8)")
+    p.add_argument("--mask-file", default=None,
+                   help="safetensors file of bool masks keyed by parameter name (arm 'mask')")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes (1: in this process; default 2)")
     p.add_argument("--overwrite", action="store_true",
@@ -68,10 +79,11 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
+    from gatesim.lab.arms import arms_lab, parse_arms, tiny_arms_lab
     from gatesim.lab.run import default_lab, tiny_lab
     kw = {}
     for name in ("name", "model", "precision", "optimizer", "steps", "lr", "beta", "clip",
-                 "ppo_epochs", "layers"):
+                 "ppo_epochs", "layers", "rank", "mask_file"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -81,6 +93,9 @@ def config_from_args(args):
             kw[name] = tuple(v)
     if args.second_recipe is not None:
         kw["second_recipe"] = None if args.second_recipe == "none" else args.second_recipe
+    if args.arms is not None:
+        kw["arms"] = parse_arms(args.arms)
+        return tiny_arms_lab(**kw) if args.tiny else arms_lab(**kw)
     return tiny_lab(**kw) if args.tiny else default_lab(**kw)
 
 

@@ -1,9 +1,9 @@
 """The lab's ``results.json``, ``table.md`` and figures.
 
-``results.json`` (schema ``gatesim.lab.results/2``; no timings, so the same lab gives the
+``results.json`` (schema ``gatesim.lab.results/3``; no timings, so the same lab gives the
 same bytes for any executor or worker count)::
 
-    {"schema": "gatesim.lab.results/2",
+    {"schema": "gatesim.lab.results/3",
      "lab": LabConfig fields,
      "cells": [{"id", "config": CellConfig fields, "task": {family, candidates, train, heldout},
                 "curve": {"step", "reward", "kl", "loss"},            # every step
@@ -13,7 +13,8 @@ same bytes for any executor or worker count)::
                 "changed": {param: stored entries changed}, "numel": {param: entries},
                 "final": {heldout_acc0, heldout_acc, heldout_expected0, heldout_expected,
                           train_acc0, train_acc, kl, reward_first, reward_last,
-                          changed_fraction}}],
+                          changed_fraction},
+                "trainable": parameters the arm trains}],
      "analysis": {cell id: {"network" | "kinds"[kind] | "layers"[layer]: AGG,
                             "rows": [per-tensor rows, gatesim.lab.analysis]}},
      "consistency": [{"axis": "seed"|"family"|"recipe", "method", "precision", "a", "b",
@@ -47,7 +48,16 @@ density over the matrices) and ``null_principal`` / ``null_low`` with ``*_ratio`
 ``null_sv_drift``, ``null_angle_left_max_deg``, ``null_angle_right_max_deg``,
 ``null_energy_topk``, ``null_overlap_principal``, ``null_overlap_low``.
 
-Version 2 (was 1) added ``sv_drift*`` and every ``null_*`` key; nothing was removed.
+"arms" (only when the lab has ``arms``, :mod:`gatesim.lab.arms`): one entry per method,
+family and arm from :func:`gatesim.lab.arms.arms_summary` (``n``, ``seeds``, ``trainable``,
+intervals of ``heldout_acc``, ``gain``, ``kl``, ``reward_last``; seed-mean ``curve`` and
+``evals``; ``network``: seed means of the merged checkpoints' AGG keys). "consistency",
+"learning" and the lab's own claims read only the full-arm cells; the arms' claims
+(``arms_*``) are in "claims".
+
+Version 3 (was 2) added ``trainable`` to every cell, the cell settings ``arm``, ``rank``,
+``mask_file``, the lab settings ``arms``, ``rank``, ``mask_file`` and "arms"; nothing was
+removed. Version 2 (was 1) added ``sv_drift*`` and every ``null_*`` key; nothing was removed.
 An interval in "learning" is ``{mean, lo, hi, n, sd, level}`` over seeds.
 """
 from __future__ import annotations
@@ -63,7 +73,7 @@ from gatesim.stats import mean_interval
 
 __all__ = ["build_results", "aggregate", "write_table", "SCHEMA"]
 
-SCHEMA = "gatesim.lab.results/2"
+SCHEMA = "gatesim.lab.results/3"
 KIND_ORDER = ("q", "k", "v", "o", "up", "down", "embed", "pos_embed", "type_embed", "norm",
               "lm_head", "other")
 
@@ -193,6 +203,8 @@ def build_results(config, root: Path, cells: list, results: dict, analysis: dict
     root = Path(root)
     doc = {"schema": SCHEMA, "lab": config.to_dict(), "cells": [], "analysis": {},
            "consistency": [], "learning": [], "claims": []}
+    if config.arms:
+        doc["arms"] = []
     timings = {}
     for c in cells:
         r = dict(results[c.id])
@@ -201,7 +213,10 @@ def build_results(config, root: Path, cells: list, results: dict, analysis: dict
                          "null_seconds": analysis[c.id].get("null_seconds")}
         doc["cells"].append(r)
         doc["analysis"][c.id] = _analysis_of(analysis[c.id])
-    pairs = _consistency_pairs(cells)
+    # the lab's own sections (consistency, learning, its claims, table, figures) read the
+    # full-arm cells; restricted arms get their own section
+    full_ids = {c.id for c in cells if c.arm == "full"}
+    pairs = _consistency_pairs([c for c in cells if c.id in full_ids])
     it = pairs
     if progress:
         from tqdm.auto import tqdm
@@ -209,14 +224,29 @@ def build_results(config, root: Path, cells: list, results: dict, analysis: dict
     for axis, m, p, a, b in it:
         doc["consistency"].append({"axis": axis, "method": m, "precision": p, "a": a, "b": b,
                                    "kinds": pair_consistency(root, a, b)})
-    doc["learning"] = _learning(doc)
-    doc["claims"] = [c.to_dict() for c in check_lab_claims(doc)]
+    full = dict(doc, cells=[c for c in doc["cells"] if c["id"] in full_ids])
+    doc["learning"] = _learning(full)
+    claims = check_lab_claims(full)
+    if config.arms:
+        from gatesim.lab.arms import arms_summary
+        from gatesim.lab.claims import check_arm_claims
+        doc["arms"] = arms_summary(doc)
+        claims += check_arm_claims(doc)
+    doc["claims"] = [c.to_dict() for c in claims]
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n", encoding="utf-8")
     os.replace(tmp, root / "results.json")
     (root / "timings.json").write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
-    figs = write_figures(doc, root / "figures")
-    write_table(doc, root / "table.md", figs)
+    full = dict(doc, cells=full["cells"])
+    figs = write_figures(full, root / "figures")
+    write_table(full, root / "table.md", figs)
+    if config.arms:
+        from gatesim.lab.arms import write_arms_figure, write_arms_table
+        lines = write_arms_table(doc, write_arms_figure(doc, root / "figures"))
+        text = (root / "table.md").read_text(encoding="utf-8")
+        head, sep, tail = text.partition("## Figures")
+        (root / "table.md").write_text(head + "\n".join(lines) + "\n" + sep + tail,
+                                       encoding="utf-8")
     return doc
 
 

@@ -118,6 +118,11 @@ class LabConfig:
     k: Optional[int] = None
     alpha: float = 0.05
     diff_figures: bool = True
+    #: restricted arms (:mod:`gatesim.lab.arms`): each method x family x seed runs once per
+    #: arm; () = the ordinary lab (every cell the full arm).
+    arms: tuple = ()
+    rank: int = 8
+    mask_file: Optional[str] = None
 
     def __post_init__(self):
         from gatesim.lab.task import FAMILIES
@@ -137,6 +142,19 @@ class LabConfig:
             if fam not in FAMILIES:
                 raise LabError(f"families: unknown task family {fam!r}; choose from "
                                f"{FAMILIES}")
+        from gatesim.lab.arms import ARMS
+        for a in self.arms:
+            if a not in ARMS:
+                raise LabError(f"arms: unknown arm {a!r}; choose from {ARMS}")
+        if len(set(self.arms)) != len(self.arms):
+            raise LabError(f"arms repeat: {self.arms}")
+        if ("mask" in self.arms) != (self.mask_file is not None):
+            raise LabError("the 'mask' arm needs mask_file, and mask_file needs the 'mask' "
+                           "arm")
+        if self.mask_file is not None and not Path(self.mask_file).is_file():
+            raise LabError(f"mask_file {self.mask_file!r} is not a file")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LabError(f"rank must be an int >= 1, got {self.rank!r}")
 
     def cell(self, **kw) -> CellConfig:
         base = dict(precision=self.precision, optimizer=self.optimizer, steps=self.steps,
@@ -153,8 +171,12 @@ class LabConfig:
         out = []
         for fam in self.families:
             for m in self.methods:
-                for s in self.seeds:
-                    out.append(self.cell(method=m, family=fam, seed=s))
+                for arm in (self.arms or ("full",)):
+                    extra = {} if arm == "full" else dict(
+                        arm=arm, rank=self.rank,
+                        mask_file=self.mask_file if arm == "mask" else None)
+                    for s in self.seeds:
+                        out.append(self.cell(method=m, family=fam, seed=s, **extra))
         if self.second_recipe:
             for s in self.seeds:
                 out.append(self.cell(method=self.second_recipe, family=self.families[0],
@@ -205,10 +227,24 @@ def _bar(progress: bool, total: int, desc: str, done: int = 0):
     return tqdm(total=total, initial=done, desc=desc, unit="cell")
 
 
+def _input_checksums(config: LabConfig) -> dict:
+    """Checksums of the files a lab reads (the model folder's weight files, the user's
+    mask file): a lab is resumed only on the same bytes, not merely the same paths."""
+    from gatesim.integrity import checksum_file
+    from gatesim.lab.model import resolve_model_path
+    folder = resolve_model_path(config.model)
+    out = {f"model/{p.name}": checksum_file(p) for p in sorted(folder.iterdir())
+           if p.is_file() and p.suffix in (".safetensors", ".bin")}
+    if config.mask_file is not None:
+        out["mask_file"] = checksum_file(config.mask_file)
+    return out
+
+
 def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "lab.json"
-    doc = {"tool": "gatesim.lab", "version": 1, "config": config.to_dict()}
+    doc = {"tool": "gatesim.lab", "version": 1, "config": config.to_dict(),
+           "inputs": _input_checksums(config)}
     if cfg_path.exists() and not overwrite:
         try:
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -220,8 +256,13 @@ def _prepare(out: Path, config: LabConfig, overwrite: bool) -> None:
                 old["config"] = LabConfig.from_dict(old["config"]).to_dict()
             except (LabError, TypeError, ValueError):
                 pass
+            # a lab.json written before inputs were recorded: the folder names them
+            old.setdefault("inputs", doc["inputs"])
         if old != doc:
-            raise LabError(f"{out} holds another lab ({cfg_path} differs); choose another "
+            what = ("the model's weights or the mask file changed since it ran"
+                    if isinstance(old, dict) and old.get("config") == doc["config"]
+                    else f"{cfg_path} differs")
+            raise LabError(f"{out} holds another lab ({what}); choose another "
                            "--out or pass --overwrite to start over")
         return
     if overwrite:

@@ -66,7 +66,7 @@ OPTIMIZERS = ("emulated", "torch")
 #: training accuracy is measured on the first this many training prompts (held-out: all).
 TRAIN_EVAL = 128
 RESULT_KEYS = ("id", "config", "task", "curve", "evals", "absorbed", "changed", "numel",
-               "final")
+               "final", "trainable")
 
 
 def storage_dtype(precision: str) -> str:
@@ -101,6 +101,12 @@ class CellConfig:
     max_heldout: Optional[int] = None
     heldout_fraction: float = 0.3
     split_seed: int = 0
+    #: update restriction (:mod:`gatesim.lab.arms`): ``full`` (every parameter), a mask
+    #: (``principal``, ``low``, ``safe``, ``random``, ``mask`` = ``mask_file``) or an
+    #: adapter (``lora``, ``pissa``) of rank ``rank`` (masks: the matched density).
+    arm: str = "full"
+    rank: int = 8
+    mask_file: Optional[str] = None
 
     def __post_init__(self):
         def bad(msg):
@@ -129,6 +135,15 @@ class CellConfig:
                 bad(f"{name} must be a finite number >= 0, got {v!r}")
         if self.layers is not None and (not isinstance(self.layers, int) or self.layers < 1):
             bad(f"layers must be None or an int >= 1, got {self.layers!r}")
+        from gatesim.lab.arms import ARMS
+        if self.arm not in ARMS:
+            bad(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            bad(f"rank must be an int >= 1, got {self.rank!r}")
+        if (self.arm == "mask") != (self.mask_file is not None):
+            bad("arm 'mask' needs mask_file, and mask_file needs arm 'mask'")
+        if self.arm != "full" and self.optimizer != "emulated":
+            bad("restricted arms need optimizer='emulated' (its set_mask)")
 
     @property
     def id(self) -> str:
@@ -139,6 +154,11 @@ class CellConfig:
             tag += f"-{self.optimizer}"
         if self.ppo_epochs != 1:
             tag += f"-ppo{self.ppo_epochs}"
+        if self.arm == "mask":
+            from pathlib import PurePath
+            tag += f"-mask-{PurePath(self.mask_file).stem}"
+        elif self.arm != "full":
+            tag += f"-{self.arm}-r{self.rank}"
         return tag
 
     def to_dict(self) -> dict:
@@ -188,9 +208,10 @@ def _kind(name: str) -> str:
     return module_kind(name)
 
 
-def _optimizer(cfg: CellConfig, policy, log_dir: Path):
-    """(optimizer, tracker or None, stats getter)."""
-    named = list(policy.model.named_parameters())
+def _optimizer(cfg: CellConfig, policy, log_dir: Path, named=None):
+    """(optimizer, tracker or None, stats getter); ``named``: the (name, parameter) pairs
+    to optimize (default: every parameter of the model)."""
+    named = list(policy.model.named_parameters()) if named is None else named
     kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "emulated":
         from gatesim.optim import EmulatedAdamW
@@ -256,8 +277,17 @@ def run_cell(payload: dict) -> dict:
     enc_train_eval = policy.encode(task.train_prompts[:TRAIN_EVAL])
     cand, C = task.candidate_ids, len(task.candidates)
     start32 = {n: p.detach().float().clone() for n, p in policy.model.named_parameters()}
-    opt, tracker, stats_of = _optimizer(cfg, policy, cell_dir)
-    stored0 = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    arm = None
+    if cfg.arm != "full":
+        from gatesim.lab.arms import ArmRun
+        arm = ArmRun(cfg, policy)   # freezes, masks or installs adapters
+    opt, tracker, stats_of = _optimizer(cfg, policy, cell_dir,
+                                        arm.named_params() if arm else None)
+    if arm is not None:
+        arm.attach(opt)
+        stored0 = arm.stored0
+    else:
+        stored0 = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     with torch.no_grad():
         ref_logp = policy.logits(enc_train, cand).log_softmax(-1)
     gen = torch.Generator().manual_seed(10_007 * cfg.seed + 17)
@@ -338,6 +368,8 @@ def run_cell(payload: dict) -> dict:
         bar.close()
     if tracker is not None:
         tracker.close()
+    # adapters merged into plain weights (stored and fp32-master values)
+    merged_master = arm.finish(opt) if arm is not None else {}
     # what was stored, what the fp32 update was, and in-memory change counts
     params = dict(policy.model.named_parameters())
     stored = {n: p.detach() for n, p in params.items()}
@@ -348,7 +380,9 @@ def run_cell(payload: dict) -> dict:
         numel[n] = w.numel()
         if w.dim() == 2:
             st = opt.state.get(params[n], {}) if cfg.optimizer == "emulated" else {}
-            if "master" in st:  # fp32 master: the update before bf16 storage rounds it
+            if n in merged_master:  # an adapter's merge, from its fp32 master factors
+                upd[n] = (merged_master[n] - stored0[n].float()).contiguous()
+            elif "master" in st:  # fp32 master: the update before bf16 storage rounds it
                 upd[n] = (st["master"] - start32[n]).contiguous()
             else:
                 upd[n] = (w.float() - stored0[n].float()).contiguous()
@@ -370,6 +404,7 @@ def run_cell(payload: dict) -> dict:
                 absorbed={k: (a / nz if nz else 0.0)
                           for k, (a, nz) in sorted(absorbed_tot.items())},
                 changed=changed, numel=numel, final=final,
+                trainable=arm.trainable if arm is not None else sum(numel.values()),
                 seconds=time.perf_counter() - t0)
 
 

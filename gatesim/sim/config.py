@@ -65,6 +65,11 @@ class CellConfig:
             permutation and sign pattern; see :mod:`gatesim.sim.run`); empty: no null.
         k, alpha: rank of the principal subspaces/angles and mask fraction of the metrics.
         eval_every: steps between trajectory points (reward, KL, principal angle).
+        mask, mask_density: restrict the run's updates to a mask of ``W0``
+            (:func:`gatesim.restrict.build_mask`: ``principal``, ``low``, ``safe`` or
+            ``random``; None: every entry trains) of density ``mask_density`` (None: ``alpha``),
+            principal part at rank ``k``; applied by the optimizer's ``set_mask`` (masked-out
+            entries are never updated; the replayed stream is zero there).
     """
 
     matrix: str = "embeddings.word_embeddings.weight"
@@ -96,6 +101,8 @@ class CellConfig:
     k: int = 16
     alpha: float = 0.05
     eval_every: int = 50
+    mask: Optional[str] = None
+    mask_density: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_fields(self)     # seed = true, clip = "0.2", steps = 1.5 ...: refused
@@ -145,12 +152,26 @@ class CellConfig:
             sim_policy(p)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        from gatesim.restrict import MASK_KINDS
+        if self.mask is not None and self.mask not in MASK_KINDS:
+            raise ValueError(f"mask must be one of {MASK_KINDS} or None, got {self.mask!r}")
+        if self.mask_density is not None:
+            if self.mask is None:
+                raise ValueError("mask_density needs a mask")
+            if isinstance(self.mask_density, bool) or not isinstance(
+                    self.mask_density, (int, float)) or not 0 < self.mask_density <= 1:
+                raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["policies"] = list(self.policies)
         d["null_policies"] = list(self.null_policies)
+        # an unrestricted cell is written as before the restriction fields existed, so the
+        # configs, streams and results of earlier sweeps keep their bytes
+        for key in ("mask", "mask_density"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod

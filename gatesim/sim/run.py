@@ -204,6 +204,11 @@ def run_cell(cfg: CellConfig, *, record: Optional[Union[str, Path]] = None,
     opt = EmulatedAdamW([("W", W)], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                         weight_decay=cfg.weight_decay,
                         policy=PrecisionPolicy.parse(cfg.train_policy, seed=cfg.seed))
+    if cfg.mask is not None:  # a restriction of the updates (gatesim.restrict)
+        from gatesim.restrict import build_mask
+        density = cfg.alpha if cfg.mask_density is None else cfg.mask_density
+        opt.set_mask(W, build_mask(cfg.mask, task.W0, density, k=cfg.k, seed=cfg.seed,
+                                   name=cfg.matrix))
     shadows = [sim_shadow(n, task.W0, cfg.seed) for n in cfg.policies]
     writer = (StreamWriter(record, task.W0, config=cfg.to_dict(), policy=cfg.train_policy,
                            seed=cfg.seed) if record is not None else None)
