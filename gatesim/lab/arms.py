@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "MASK_ARMS", "ADAPTER_ARMS", "TARGET_KINDS", "ArmRun",
-           "target_names", "arms_lab", "tiny_arms_lab", "arms_summary", "write_arms_table",
+           "target_names", "check_arms", "arms_lab", "tiny_arms_lab", "arms_summary", "write_arms_table",
            "write_arms_figure", "parse_arms"]
 
 MASK_ARMS = ("principal", "low", "safe", "random")
@@ -56,17 +56,22 @@ DEFAULT_ARMS = ("full",) + MASK_ARMS + ADAPTER_ARMS
 TARGET_KINDS = ("q", "k", "v", "o", "up", "down")
 
 
+def check_arms(arms: tuple) -> None:
+    """Every arm known, none repeated (ValueError naming the problem)."""
+    for a in arms:
+        if a not in ARMS:
+            raise ValueError(f"arms: unknown arm {a!r}; choose from {ARMS} or 'all'")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"arms repeat: {arms}")
+
+
 def parse_arms(text: str) -> tuple:
     """``"full,principal,..."`` (or ``"all"``) -> a tuple of arms, checked."""
     arms = DEFAULT_ARMS if text.strip() == "all" else tuple(
         a.strip() for a in text.split(",") if a.strip())
     if not arms:
         raise ValueError("--arms: name at least one arm")
-    for a in arms:
-        if a not in ARMS:
-            raise ValueError(f"--arms: unknown arm {a!r}; choose from {ARMS} or 'all'")
-    if len(set(arms)) != len(arms):
-        raise ValueError(f"--arms: arms repeat: {arms}")
+    check_arms(arms)
     return arms
 
 
@@ -144,12 +149,10 @@ class ArmRun:
         return named
 
     def attach(self, opt) -> None:
-        """Sets the masks on the optimizer and records the stored starting weights."""
+        """Sets the masks on the optimizer."""
         params = dict(self.policy.model.named_parameters())
         for name, mask in self.masks.items():
             opt.set_mask(params[name], mask.to(params[name].device))
-        if not self.adapters:
-            self.stored0 = {n: p.detach().clone() for n, p in params.items()}
 
     def finish(self, opt) -> dict:
         """Merges adapters into plain weights (stored factors, rounded to the storage
@@ -211,11 +214,10 @@ def arms_summary(doc: dict) -> list:
     reward, kl; ``evals``: step, heldout_acc) and the network aggregate of each seed's
     merged checkpoint (``network``: the lab's AGG, seed means of sparsity, nss_median,
     angle_median, stored_principal_ratio, stored_low_ratio)."""
-    from gatesim.stats import mean_interval
+    from gatesim.lab.report import _iv
 
     def iv(vals):
-        i = mean_interval([v for v in vals if v is not None])
-        return i.to_dict() if i is not None else None
+        return _iv([v for v in vals if v is not None])
 
     groups: dict = {}
     for c in doc["cells"]:
@@ -251,20 +253,9 @@ def _avg(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _pct(iv) -> str:
-    if not iv:
-        return "-"
-    if iv.get("lo") is None or (isinstance(iv["lo"], float) and math.isnan(iv["lo"])):
-        return f"{100 * iv['mean']:.1f}"
-    return f"{100 * iv['mean']:.1f} [{100 * iv['lo']:.1f}, {100 * iv['hi']:.1f}]"
-
-
-def _g(v, fmt="{:.3g}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
 def write_arms_table(doc: dict, figure: Optional[str]) -> list:
     """The table.md lines of the arms section."""
+    from gatesim.lab.report import _f, _ivs
     L = ["## Restricted arms", "",
          "Final held-out accuracy (%), mean and 95% interval across seeds; the gain over "
          "the start; final KL to the start; trainable parameters; and the merged "
@@ -278,11 +269,12 @@ def write_arms_table(doc: dict, figure: Optional[str]) -> list:
         net = e["network"]
         kl = e["kl"]["mean"] if e.get("kl") else None
         L.append(f"| {e['method']} | {e['family']} | {e['arm']} | {e['n']} | "
-                 f"{e['trainable']:,} | {_pct(e['heldout_acc'])} | {_pct(e['gain'])} | "
-                 f"{_g(kl)} | {_g(net.get('sparsity'), '{:.4f}')} | "
-                 f"{_g(net.get('nss_median'))} | {_g(net.get('angle_median'))} | "
-                 f"{_g(net.get('stored_principal_ratio'))} | "
-                 f"{_g(net.get('stored_low_ratio'))} |")
+                 f"{e['trainable']:,} | {_ivs(e['heldout_acc'], pct=True)} | "
+                 f"{_ivs(e['gain'], pct=True)} | "
+                 f"{_f(kl)} | {_f(net.get('sparsity'), '{:.4f}')} | "
+                 f"{_f(net.get('nss_median'))} | {_f(net.get('angle_median'))} | "
+                 f"{_f(net.get('stored_principal_ratio'))} | "
+                 f"{_f(net.get('stored_low_ratio'))} |")
     claims = [c for c in doc.get("claims", []) if c["name"].startswith("arms_")]
     if claims:
         L += ["", "### Claims on the arms", "",
@@ -290,7 +282,7 @@ def write_arms_table(doc: dict, figure: Optional[str]) -> list:
               "|---|---|---|---|---|---|"]
         for c in claims:
             iv = "-" if c["lo"] is None else f"[{c['lo']:.3f}, {c['hi']:.3f}]"
-            L.append(f"| {c['name']}: {c['statement']} | {_g(c['statistic'], '{:.3f}')} | {iv} "
+            L.append(f"| {c['name']}: {c['statement']} | {_f(c['statistic'], '{:.3f}')} | {iv} "
                      f"| {c['n']} | {c['side']} {c['threshold']:g} | **{c['verdict']}** |")
     if figure:
         L += ["", f"![arm trajectories]({figure})"]

@@ -68,6 +68,7 @@ import math
 import os
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 from gatesim.stats import mean_interval
 
@@ -239,14 +240,11 @@ def build_results(config, root: Path, cells: list, results: dict, analysis: dict
     (root / "timings.json").write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
     full = dict(doc, cells=full["cells"])
     figs = write_figures(full, root / "figures")
-    write_table(full, root / "table.md", figs)
+    arms_lines: list = []
     if config.arms:
         from gatesim.lab.arms import write_arms_figure, write_arms_table
-        lines = write_arms_table(doc, write_arms_figure(doc, root / "figures"))
-        text = (root / "table.md").read_text(encoding="utf-8")
-        head, sep, tail = text.partition("## Figures")
-        (root / "table.md").write_text(head + "\n".join(lines) + "\n" + sep + tail,
-                                       encoding="utf-8")
+        arms_lines = write_arms_table(doc, write_arms_figure(doc, root / "figures"))
+    write_table(full, root / "table.md", figs, arms_lines)
     return doc
 
 
@@ -298,7 +296,7 @@ def _learning_verdicts(doc: dict) -> list:
     return out
 
 
-def write_table(doc: dict, path: Path, figs: dict) -> None:
+def write_table(doc: dict, path: Path, figs: dict, extra: Sequence[str] = ()) -> None:
     lab = doc["lab"]
     prec = lab["precision"]
     layers = "" if lab["layers"] is None else f", first {lab['layers']} layers"
@@ -429,6 +427,8 @@ def write_table(doc: dict, path: Path, figs: dict) -> None:
         L.append(f"| {c['name']} | {_ivs(iv)} | {c['n']} | "
                  f"{c['side']} {c['threshold']:g} | **{c['verdict']}** |")
     L += [""] + [f"- {c['name']}: {c['statement']}" for c in doc["claims"]]
+    if extra:   # sections of other modules (the restricted arms), before the figures
+        L += [""] + list(extra[:-1] if extra[-1] == "" else extra)
     if figs:
         L += ["", "## Figures", ""] + [f"![{k}]({Path(v).relative_to(path.parent)})"
                                         for k, v in figs.items()]

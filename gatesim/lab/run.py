@@ -142,12 +142,11 @@ class LabConfig:
             if fam not in FAMILIES:
                 raise LabError(f"families: unknown task family {fam!r}; choose from "
                                f"{FAMILIES}")
-        from gatesim.lab.arms import ARMS
-        for a in self.arms:
-            if a not in ARMS:
-                raise LabError(f"arms: unknown arm {a!r}; choose from {ARMS}")
-        if len(set(self.arms)) != len(self.arms):
-            raise LabError(f"arms repeat: {self.arms}")
+        from gatesim.lab.arms import check_arms
+        try:
+            check_arms(self.arms)
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
         if ("mask" in self.arms) != (self.mask_file is not None):
             raise LabError("the 'mask' arm needs mask_file, and mask_file needs the 'mask' "
                            "arm")

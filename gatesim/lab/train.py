@@ -285,9 +285,9 @@ def run_cell(payload: dict) -> dict:
                                         arm.named_params() if arm else None)
     if arm is not None:
         arm.attach(opt)
-        stored0 = arm.stored0
-    else:
-        stored0 = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    # the stored start (an adapter arm's was taken before its adapters replaced the weights)
+    stored0 = (arm.stored0 if arm is not None and arm.adapters else
+               {n: p.detach().clone() for n, p in policy.model.named_parameters()})
     with torch.no_grad():
         ref_logp = policy.logits(enc_train, cand).log_softmax(-1)
     gen = torch.Generator().manual_seed(10_007 * cfg.seed + 17)
