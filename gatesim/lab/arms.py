@@ -45,8 +45,8 @@ from typing import Optional
 import torch
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "MASK_ARMS", "ADAPTER_ARMS", "TARGET_KINDS", "ArmRun",
-           "target_names", "check_arms", "arms_lab", "tiny_arms_lab", "arms_summary", "write_arms_table",
-           "write_arms_figure", "parse_arms"]
+           "target_names", "check_arms", "arms_lab", "tiny_arms_lab", "arms_summary",
+           "write_arms_table", "write_arms_figure", "parse_arms"]
 
 MASK_ARMS = ("principal", "low", "safe", "random")
 ADAPTER_ARMS = ("lora", "pissa")
