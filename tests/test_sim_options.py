@@ -216,3 +216,43 @@ def test_task_and_sampling_settings_reach_the_run(tmp_path):
     q = Task(_cfg(rows=16, row_offset=0, n_targets=3,
                   matrix="encoder.layer.0.attention.self.query.weight"))
     assert torch.equal(q.W0, load_matrix("encoder.layer.0.attention.self.query.weight")[:16])
+
+
+def test_metric_settings_k_alpha_eval_every_and_policies(tmp_path):
+    """k, alpha and eval_every change what is measured; policies, null_policies and
+    train_policy name what is run (checked against numbers computed here)."""
+    kw = dict(beta=0.0, clip=None, lr=3e-4, steps=2, eps=1e-8, policies=("bf16", "fp32"),
+              null_policies=("bf16",), train_policy="bf16+master")
+    runs = {}
+    for alpha, k, every in ((0.05, 2, 2), (0.3, 3, 1)):
+        cfg = _cfg(alpha=alpha, k=k, eval_every=every, **kw)
+        res = run_cell(cfg, mask_path=tmp_path / f"{alpha}.npz")
+        runs[alpha] = res
+        assert res["trajectory"]["step"] == list(range(0, 3, every))
+        assert set(res["policies"]) == {"bf16", "fp32"} and set(res["null"]) == {"bf16"}
+        assert res["config"]["train_policy"] == "bf16+master"
+        W0 = Task(cfg).W0.numpy()
+        with np.load(tmp_path / f"{alpha}.npz") as z:
+            upd = np.unpackbits(z["bf16"])[: W0.size].astype(bool)
+        n_low = max(1, int(math.floor(alpha * W0.size + 0.5)))
+        low = np.zeros(W0.size, bool)
+        low[np.argsort(np.abs(W0).ravel(), kind="stable")[:n_low]] = True
+        p = res["policies"]["bf16"]
+        assert 0 < upd.mean() < 1
+        assert p["low_overlap"] == pytest.approx((upd & low).sum() / low.sum(), abs=1e-12)
+        assert p["overlap_baseline"] == pytest.approx(upd.mean(), abs=1e-12)
+        assert p["energy_baseline"] == pytest.approx((k / 32) * (k / 384), rel=1e-12)
+    assert runs[0.05]["policies"]["bf16"]["low_overlap"] != \
+        runs[0.3]["policies"]["bf16"]["low_overlap"]
+    # the training policy: the run's own weights are stored under it (bf16+master keeps an
+    # fp32 master, so its weights differ from the fp32-trained run's)
+    fp32 = run_cell(_cfg(**dict(kw, train_policy="fp32")))
+    assert fp32["train_weights_sha"] != runs[0.05]["train_weights_sha"]
+
+
+def test_path_loads_the_matrix_from_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    w = torch.randn(40, 24, generator=torch.Generator().manual_seed(5))
+    save_file({"m": w}, str(tmp_path / "w.safetensors"))
+    t = Task(_cfg(path=str(tmp_path / "w.safetensors"), matrix="m", rows=16, row_offset=10))
+    assert torch.equal(t.W0, w[10:26])
