@@ -481,3 +481,201 @@ def test_run_and_replay_cli(tmp_path, capsys):
         sp = gm.sparsity(sh.stored_initial(), sh.stored()).bitwise
         assert lines[seed][0] == pytest.approx(sp, abs=5e-5), seed
     assert lines[None] != lines[5]
+
+
+# -- gatesim ablate, and the executor options of every command ------------------------------
+def test_ablate_cli_bundled_name_and_toml_file(tmp_path, monkeypatch, capsys):
+    import gatesim.cli as cli
+    from gatesim.sim.config import paper_sweep
+    seen = []
+    monkeypatch.setattr(cli, "_run_sweep", lambda sweep, args: seen.append(sweep) or 0)
+    monkeypatch.chdir(tmp_path)          # no file called "paper" here
+    assert main(["ablate", "paper", "--out", str(tmp_path / "x")]) == 0
+    assert seen[0].to_dict() == paper_sweep().to_dict()
+    monkeypatch.undo()
+    # a TOML sweep file: its cells are what runs ("none" spells None)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text('name = "tomlsweep"\n[base]\nrows = 32\nn_contexts = 8\nn_targets = 3\n'
+                    'batch = 4\ngroup = 4\nsteps = 2\neval_every = 2\nk = 2\nclip = "none"\n'
+                    'policies = ["fp32", "bf16"]\nnull_policies = []\n'
+                    '[variants.a]\nbeta = 0.0\n[variants.b]\nalgo = "sft"\n'
+                    '[grid]\nseed = [0, 1]\n')
+    assert main(["ablate", str(toml), "--out", str(tmp_path / "o"), "--workers", "1",
+                 "--quiet"]) == 0
+    doc = json.loads((tmp_path / "o" / "tomlsweep" / "results.json").read_text())
+    got = [(c["variant"], c["config"]["seed"], c["config"]["algo"], c["config"]["clip"],
+            c["config"]["steps"], c["config"]["beta"]) for c in doc["cells"]]
+    assert got == [("a", 0, "grpo", None, 2, 0.0), ("a", 1, "grpo", None, 2, 0.0),
+                   ("b", 0, "sft", None, 2, 0.05), ("b", 1, "sft", None, 2, 0.05)]
+    assert "tomlsweep" in capsys.readouterr().out
+
+
+class _Stop(ValueError):
+    pass
+
+
+def test_sweep_executor_options_reach_the_executor(tmp_path, monkeypatch, capsys, diff_pair):
+    """--workers, --threads and --executor of demo, ablate, diff and lab are what
+    make_executor gets; make_executor turns them into the executor they name."""
+    import gatesim.executor as gx
+    seen = []
+
+    def spy(workers=None, threads=1, spec=None):
+        seen.append((workers, threads, spec))
+        raise _Stop("stop here")
+    monkeypatch.setattr(gx, "make_executor", spy)
+    sweep = tmp_path / "s.json"
+    from gatesim.sim.config import mini_sweep
+    sweep.write_text(json.dumps(mini_sweep("ex").to_dict()))
+    root = diff_pair[0]
+    cases = [
+        (["demo", "--workers", "3", "--executor", "ray"], (3, 1, "ray")),
+        (["ablate", str(sweep), "--workers", "0"], (0, 1, "local")),
+        (["ablate", str(sweep), "--executor", "ray://h:1"], (2, 1, "ray://h:1")),
+        (["diff", str(root / "base.safetensors"), str(root / "tuned.safetensors"),
+          "--workers", "2", "--threads", "3", "--executor", "ray:h:2"], (2, 3, "ray:h:2")),
+        (["lab", "--tiny", "--workers", "4", "--executor", "local"], (4, 1, "local")),
+    ]
+    for argv, want in cases:
+        assert main(argv + ["--out", str(tmp_path / "o"), "--quiet"] if argv[0] != "diff"
+                    else argv + ["--out", str(tmp_path / "o")]) == 2, argv
+        assert seen[-1] == want, argv
+        assert "stop here" in capsys.readouterr().err
+    monkeypatch.undo()
+    # make_executor: what each setting builds (Ray replaced by a recorder)
+    import gatesim.ray_executor as rx
+    made = []
+
+    class FakeRay:
+        def __init__(self, address=None, *, threads=1, local_cpus=None):
+            made.append((address, threads, local_cpus))
+    monkeypatch.setattr(rx, "RayExecutor", FakeRay)
+    assert isinstance(gx.make_executor(1), gx.SerialExecutor)
+    assert isinstance(gx.make_executor(None), gx.SerialExecutor)
+    p = gx.make_executor(2, threads=3)
+    assert isinstance(p, gx.ProcessExecutor) and (p.workers, p.threads) == (2, 3)
+    p = gx.make_executor(0)
+    assert isinstance(p, gx.ProcessExecutor) and p.workers == max(1, os.cpu_count())
+    assert gx.make_executor(0, threads=2).workers == max(1, os.cpu_count() // 2)
+    gx.make_executor(3, spec="ray")
+    gx.make_executor(0, threads=2, spec="ray://h:1")
+    gx.make_executor(None, spec="ray:h:2")
+    assert made == [(None, 1, 3), ("ray://h:1", 2, None), ("h:2", 1, None)]
+    assert isinstance(gx.make_executor(2, spec="local"), gx.ProcessExecutor)
+
+
+# -- gatesim lab ----------------------------------------------------------------------------
+def _lab_config(argv):
+    import argparse
+    from gatesim.lab.cli import add_lab_parser, config_from_args
+    parser = argparse.ArgumentParser()
+    add_lab_parser(parser.add_subparsers())
+    return config_from_args(parser.parse_args(["lab"] + argv))
+
+
+def test_lab_options_reach_the_cells(tmp_path, monkeypatch, capsys):
+    """Every lab option ends up in the cells it configures (the tiny lab run of
+    test_lab_run.py shows the cells run as configured)."""
+    cfg = _lab_config(["--name", "mine", "--model", str(tmp_path), "--families", "relations",
+                       "--seeds", "3", "4", "--methods", "grpo", "--second-recipe", "none",
+                       "--extra-precisions", "fp32", "--precision", "bf16", "--optimizer",
+                       "torch", "--steps", "7", "--lr", "1e-3", "--beta", "0.1",
+                       "--ppo-epochs", "2", "--clip", "0.3", "--layers", "2"])
+    cells = cfg.cells()
+    assert cfg.name == "mine" and cfg.steps == 7
+    assert {(c.method, c.family, c.precision, c.seed) for c in cells} == {
+        ("grpo", "relations", "bf16", 3), ("grpo", "relations", "bf16", 4),
+        ("grpo", "relations", "fp32", 0)}
+    for c in cells:
+        assert (c.model, c.optimizer, c.steps, c.lr, c.beta, c.ppo_epochs, c.clip,
+                c.layers) == (str(tmp_path), "torch", 7, 1e-3, 0.1, 2, 0.3, 2)
+    # the defaults these options replace are different, so an ignored option shows
+    plain = _lab_config([])
+    pc = plain.cells()
+    assert plain.name == "default" and {c.family for c in pc} == {"arithmetic", "relations"}
+    assert {c.method for c in pc} == {"grpo", "sft", "reinforce"}
+    assert {c.precision for c in pc} == {"bf16+master", "bf16", "fp32"}
+    c0 = pc[0]
+    assert (c0.model, c0.optimizer, c0.steps, c0.lr, c0.beta, c0.ppo_epochs, c0.clip,
+            c0.layers) == (None, "emulated", 80, 5e-5, 0.5, 1, 0.2, None)
+    assert {c.seed for c in pc} == {0, 1, 2}
+    # --second-recipe reinforce on the first family only
+    rec = _lab_config(["--second-recipe", "reinforce", "--families", "relations",
+                       "arithmetic", "--extra-precisions"]).cells()
+    assert {c.family for c in rec if c.method == "reinforce"} == {"relations"}
+    # --tiny: the tiny lab's size
+    tiny = _lab_config(["--tiny"])
+    assert (tiny.name, tiny.steps, tiny.layers, tiny.seeds) == ("tiny", 3, 1, (0, 1))
+    # arms: --arms, --rank, --mask-file, with and without --tiny
+    from safetensors.torch import save_file
+    mf = tmp_path / "m.safetensors"
+    save_file({"x": torch.ones(2, 2, dtype=torch.bool)}, str(mf))
+    arms = _lab_config(["--arms", "full,lora,mask", "--rank", "4", "--mask-file", str(mf)])
+    ac = arms.cells()
+    assert arms.name == "arms" and {c.arm for c in ac} == {"full", "lora", "mask"}
+    assert all(c.rank == 4 for c in ac if c.arm != "full")
+    assert all(c.mask_file == str(mf) for c in ac if c.arm == "mask")
+    assert all(c.mask_file is None for c in ac if c.arm != "mask")
+    ta = _lab_config(["--tiny", "--arms", "all"])
+    assert ta.name == "tiny_arms" and ta.rank == 2 and {c.arm for c in ta.cells()} == {
+        "full", "principal", "low", "safe", "random", "lora", "pissa"}
+    assert _lab_config(["--tiny", "--arms", "lora", "--rank", "3"]).rank == 3
+    # --out, --overwrite and --quiet reach run_lab
+    import gatesim.lab.run as lr
+    got = []
+
+    def fake(config, out, **kw):
+        got.append((config.name, str(out), kw["overwrite"], kw["progress"]))
+        raise lr.LabError("stop here")
+    monkeypatch.setattr(lr, "run_lab", fake)
+    for extra, want in (([], False), (["--overwrite"], True)):
+        assert main(["lab", "--tiny", "--out", str(tmp_path / "o"), "--quiet",
+                     "--workers", "1"] + extra) == 2
+        assert got[-1] == ("tiny", str(tmp_path / "o"), want, False)
+    assert main(["lab", "--tiny", "--out", str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert got[-1][3] is True
+    assert "stop here" in capsys.readouterr().err
+
+
+def test_lab_ppo_epochs_clip(tmp_path):
+    """grpo's PPO-style passes and clipping: rl_loss drops the gradient of a sample whose
+    ratio left the clip range on the advantage's side (by hand), and in a tiny lab cell
+    ppo_epochs = 2 changes the update, and the clip range then changes it again."""
+    from gatesim.lab.train import rl_loss
+    logp = torch.log_softmax(torch.tensor([[0.5, 0.0, -0.5]]), 1).requires_grad_(True)
+    ans = torch.tensor([[0, 1]])
+    old = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0]]), 1).gather(1, ans)
+    adv = torch.tensor([[1.0, -1.0]])
+    ref = logp.detach()
+    rho = torch.exp(logp.detach().gather(1, ans) - old)[0]
+    assert rho[0] > 1.2 and 0.8 < rho[1] < 1.2     # sample 0 is outside a 0.2 clip range
+    g = {}
+    for clip in (None, 0.2):
+        logp.grad = None
+        rl_loss(logp, old, ref, ans, adv, 0.0, clip)[0].backward()
+        g[clip] = logp.grad.clone()
+    # by hand: -(1/2) sum_j rho_j A_j d logp_{y_j}; clipped: only sample 1 remains
+    want_free = torch.tensor([[-rho[0] / 2, rho[1] / 2, 0.0]])
+    want_clip = torch.tensor([[0.0, rho[1] / 2, 0.0]])
+    torch.testing.assert_close(g[None], want_free)
+    torch.testing.assert_close(g[0.2], want_clip)
+    # a tiny lab cell
+    from gatesim.lab.model import make_tiny_model
+    from gatesim.lab.train import CellConfig, run_cell
+    from safetensors import safe_open
+    model = make_tiny_model(tmp_path / "model", "masked", layers=1)
+
+    def update(**kw):
+        cfg = CellConfig(model=str(model), steps=2, batch=4, group=4, max_train=8,
+                         max_heldout=8, eval_every=2, lr=1e-2, beta=0.0, precision="fp32",
+                         **kw)
+        out = tmp_path / "cells" / str(len(list(tmp_path.glob("cells/*"))))
+        run_cell({"cell": cfg.to_dict(), "out": str(out)})
+        with safe_open(str(out / "cells" / cfg.id / "update_fp32.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    one = update(ppo_epochs=1, clip=0.01)
+    two = update(ppo_epochs=2, clip=0.01)
+    wide = update(ppo_epochs=2, clip=0.9)
+    assert set(one) == set(two) == set(wide)
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(two[k], wide[k]) for k in one)
