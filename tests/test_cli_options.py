@@ -68,6 +68,8 @@ import torch
 
 from gatesim.cli import main
 
+from conftest import assert_png_shows_a_plot
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -134,21 +136,6 @@ def ci_text(xs, fmt):
 def pm_text(xs, fmt):
     m, lo, hi = t_interval(xs)
     return f"{m:{fmt}}±{(hi - lo) / 2:{fmt}}"
-
-
-def assert_png_shows_a_plot(path: Path):
-    """The file decodes as an image of a sane size that is not blank: a good share of
-    non-background pixels and several colours."""
-    import matplotlib.image as mpimg
-    img = mpimg.imread(str(path))
-    assert img.ndim == 3 and img.shape[2] in (3, 4), path
-    h, w = img.shape[:2]
-    assert 250 <= h <= 4000 and 400 <= w <= 6000, (path, img.shape)
-    rgb = img[..., :3]
-    ink = (rgb < 0.9).any(axis=2).mean()
-    assert ink > 0.02, (path, ink)
-    colours = len(np.unique((rgb.reshape(-1, 3) * 15).round(), axis=0))
-    assert colours >= 8, (path, colours)
 
 
 def _cli_env():
