@@ -36,6 +36,21 @@ def assert_same_bits(got, want, what: str = "", any_nan: bool = False) -> None:
         pytest.fail(f"{what}: {bad.size} of {g.size} differ ({src})")
 
 
+def assert_png_shows_a_plot(path):
+    """The file decodes as an image of a sane size that is not blank: a good share of
+    non-background pixels and several colours."""
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(path))
+    assert img.ndim == 3 and img.shape[2] in (3, 4), path
+    h, w = img.shape[:2]
+    assert 250 <= h <= 4000 and 400 <= w <= 6000, (path, img.shape)
+    rgb = img[..., :3]
+    ink = (rgb < 0.9).any(axis=2).mean()
+    assert ink > 0.02, (path, ink)
+    colours = len(np.unique((rgb.reshape(-1, 3) * 15).round(), axis=0))
+    assert colours >= 8, (path, colours)
+
+
 def _openblas_threads(n=None):
     """Best effort: get (n=None) or set the thread count of the OpenBLAS builds numpy and
     scipy load (their reference SVDs); [] where the symbols are not found."""

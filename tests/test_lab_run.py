@@ -120,6 +120,18 @@ def test_cli_lab_and_errors(tiny_model, tmp_path, capsys):
                "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0 and "## Claims" in out and (tmp_path / "tiny" / "results.json").is_file()
+    # the cells run are exactly the options': one family, seeds 0 and 1, grpo and sft, no
+    # second recipe, no extra precision, 2 steps, the given model with one layer
+    doc = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    ran = {(c["config"]["method"], c["config"]["family"], c["config"]["precision"],
+            c["config"]["seed"]) for c in doc["cells"]}
+    assert ran == {(m, "relations", "bf16+master", s) for m in ("grpo", "sft") for s in (0, 1)}
+    for c in doc["cells"]:
+        assert c["config"]["steps"] == 2 and c["evals"]["step"][-1] == 2
+        assert c["config"]["model"] == str(tiny_model) and c["config"]["layers"] == 1
+    # the printed table is the table.md written
+    assert out.count("## Claims") == 1 and \
+        (tmp_path / "tiny" / "table.md").read_text().split("## Figures")[0].strip() in out
     rc = main(["lab", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
                "--quiet"])
     assert rc == 2 and "not a folder" in capsys.readouterr().err

@@ -1,10 +1,11 @@
 """Gate simulation (issue 5): determinism, replay equivalence, the switches, end to end."""
 import json
-import struct
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import assert_png_shows_a_plot
 
 import gatesim.metrics as gm
 from gatesim.cli import main as cli_main
@@ -142,10 +143,7 @@ def test_end_to_end_cli(tmp_path, capsys):
     assert "Regime:" in out and "RLVR" in out
     assert "| variant | geometry |" in (run / "table.md").read_text()
     for name in ("gates", "hist", "beta", "consistency", "trajectories"):
-        png = (run / "figures" / f"{name}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        w, h = struct.unpack(">II", png[16:24])
-        assert w > 100 and h > 100
+        assert_png_shows_a_plot(run / "figures" / f"{name}.png")
     # the replay command on a recorded stream
     from gatesim.sim.config import CellConfig as _C
     cell = tmp_path / "cell.json"

@@ -45,15 +45,37 @@ def test_reduced_default_learns_and_the_kl_anchor_binds():
     assert 0 < q["p10"] <= q["p50"] <= q["p90"]
 
 
-def test_null_is_the_stream_permuted():
+def test_null_is_the_stream_permuted(tmp_path):
     """The null's stored bf16+master weights equal bf16(W0 + s * acc[pi]) for the run's
     accumulated update: a fixed permutation of where the updates land, nothing else."""
     cfg = CellConfig(**dict(REDUCED, steps=6, null_policies=("bf16+master",),
                             policies=("bf16+master",)))
-    r1 = run_cell(cfg)
+    r1 = run_cell(cfg, mask_path=tmp_path / "m.npz")
     r2 = run_cell(cfg)
     assert r1["null"] == r2["null"]
     assert r1["null"]["bf16+master"]["bitwise_sparsity"] != pytest.approx(1.0)
+    # the null's update mask is where bf16(W0 + s * acc[pi]) differs from bf16(W0), with
+    # pi and s drawn here from the run's seed (the master sums the same deltas step by step
+    # in fp32: a few entries at a rounding boundary may differ)
+    W0 = Task(cfg).W0.reshape(-1)
+    n = W0.numel()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 29)
+    perm = torch.randperm(n, generator=gen)
+    sign = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).double()
+    with np.load(tmp_path / "m.npz") as z:
+        acc = torch.from_numpy(z[DELTA_KEY]).reshape(-1).double()
+        null = torch.from_numpy(np.unpackbits(z[NULL_PREFIX + "bf16+master"])[:n].astype(bool))
+        run = torch.from_numpy(np.unpackbits(z["bf16+master"])[:n].astype(bool))
+
+    def moved(upd):
+        w0 = W0.to(torch.bfloat16).view(torch.int16)
+        return (W0.double() + upd).float().to(torch.bfloat16).view(torch.int16) != w0
+    assert int(null.sum()) > 100
+    miss = int((moved(acc[perm] * sign) != null).sum())
+    assert miss <= 0.002 * n
+    # and not the unpermuted stream (which is the run's own mask)
+    assert int((moved(acc) != null).sum()) > 10 * max(miss, 10)
+    assert int((moved(acc) != run).sum()) <= 0.002 * n
 
 
 def test_datasets_differ_and_rotation_preserves_each():
@@ -150,8 +172,12 @@ def test_thresholds_are_fixed_constants():
 def test_ratio_quantiles_of_a_known_distribution():
     r = torch.tensor([2.0 ** -10] * 10 + [2.0 ** -4] * 80 + [2.0 ** 2] * 10)
     q = ratio_quantiles(_log2_hist(r).numpy())
-    assert q["p50"] == pytest.approx(2.0 ** -4, rel=0.05)
-    assert 2.0 ** -10 <= q["p10"] <= 2.0 ** -4 and 2.0 ** -4 <= q["p90"] <= 2.0 ** 2.1
+    # by hand: 1/16-octave bins starting at log2 = -10, -4, 2; the 10th value closes the
+    # first bin (its upper edge), the 50th is half way through the second bin, the 90th
+    # closes it
+    assert q["p10"] == pytest.approx(2.0 ** (-10 + 1 / 16), rel=1e-12)
+    assert q["p50"] == pytest.approx(2.0 ** (-4 + 0.5 / 16), rel=1e-12)
+    assert q["p90"] == pytest.approx(2.0 ** (-4 + 1 / 16), rel=1e-12)
     assert hist_quantiles([0, 0], np.array([0.0, 1.0, 2.0]))["p50"] is None
 
 

@@ -113,7 +113,7 @@ def gate_table(doc: dict) -> str:
          "accumulated fp32 update over the same spacing.", "", regime_line(doc), "",
          "## Regime: learning and update sizes", "",
          "| variant | geometry | reward start | reward end | KL end | update norm | "
-         "step |u|/ulp p10 / p50 / p90 | acc/ulp p50 | acc below ulp/2 |",
+         "step \\|u\\|/ulp p10 / p50 / p90 | acc/ulp p50 | acc below ulp/2 |",
          "|---|---|---|---|---|---|---|---|---|"]
     for v, cs in groups.items():
         L.append("| " + " | ".join([
