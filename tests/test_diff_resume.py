@@ -62,29 +62,37 @@ def test_torn_last_line(fresh, tmp_path):
 
 
 def test_killed_run_resumes(fresh, tmp_path):
-    """SIGKILL a CLI run once some rows are stored; rerunning completes it identically."""
+    """SIGKILL a CLI run once some rows are stored; rerunning completes it identically.
+    The run is slowed (0.2 s per tensor) so that the kill lands before it ends, and the
+    test asserts it did: a kill that misses must not pass as a resume."""
     root, b, t, full = fresh
     out = tmp_path / "killed"
-    code = "import sys; from gatesim.diff.cli import main; sys.exit(main())"
+    code = ("import sys, time; import gatesim.diff.core as c; f = c.diff_tensor; "
+            "c.diff_tensor = lambda task: (time.sleep(0.2), f(task))[1]; "
+            "from gatesim.diff.cli import main; sys.exit(main())")
     args = [sys.executable, "-c", code, str(b), str(t), "--out", str(out), "--no-progress",
             "--no-figures", "--svd", "full"]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = False
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        f = out / "rows.jsonl"
-        if f.exists() and len(f.read_text().splitlines()) >= 3:
-            os.kill(p.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.01)
-    p.wait(timeout=60)
+    try:
+        while time.time() < deadline and p.poll() is None:
+            f = out / "rows.jsonl"
+            if f.exists() and len(f.read_text().splitlines()) >= 3:
+                os.kill(p.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.01)
+    finally:
+        if not killed:
+            p.kill()
+        p.wait(timeout=60)
+    assert killed and p.returncode == -signal.SIGKILL, "the kill did not happen"
     done_before = len(_jsonl_keys(out / "rows.jsonl"))
-    print(f"killed={killed} after {done_before} of {len(full.rows)} rows")
+    assert 3 <= done_before < len(full.rows)
+    assert not (out / "report.md").exists()              # it was cut off mid-run
     res = gd.diff(b, t, out, progress=False, figures=False, svd="full")
     assert res.resumed == done_before
-    if killed:
-        assert done_before < len(full.rows)
     ref = gd.diff(b, t, svd="full", progress=False)          # one uninterrupted run
     _same(res.rows, ref.rows)
 

@@ -94,8 +94,9 @@ def test_control_a_bare_pool_would_be_left_behind(tmp_path):
     try:
         assert ok
         workers = _workers(p.pid)
+        assert len(workers) >= 2 and all(alive(c) for c in workers)
         os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=10)
+        assert p.wait(timeout=10) == -signal.SIGKILL      # the kill happened
         time.sleep(2.0)
         assert any(alive(c) for c in workers)
     finally:

@@ -195,11 +195,15 @@ def test_checksums_fused_into_the_bitwise_pass_are_exact(dtype):
             assert got.checksums == (checksum_tensor(x), checksum_tensor(y))
 
 
-def test_sweep_resumed_on_changed_weights_is_refused(tmp_path):
+def test_sweep_resumed_on_changed_weights_is_refused(tmp_path, monkeypatch):
     """ablate's stored cells are tied to the checksum of every matrix they read."""
     from safetensors.torch import save_file
+    import gatesim.sim.sweep as sweep_mod
     from gatesim.sim.config import SweepConfig
     from gatesim.sim.sweep import ablate
+    calls = []
+    run = sweep_mod._run
+    monkeypatch.setattr(sweep_mod, "_run", lambda payload: calls.append(1) or run(payload))
     g = torch.Generator().manual_seed(0)
     m = tmp_path / "m.safetensors"
     save_file({"w": torch.randn(24, 12, generator=g)}, str(m))
@@ -209,10 +213,12 @@ def test_sweep_resumed_on_changed_weights_is_refused(tmp_path):
         "policies": ["fp32"]})
     doc = ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)
     assert json.loads((tmp_path / "out" / "s" / "sweep.json").read_text())["inputs"]
+    assert len(calls) == 1
     ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)  # resumes
+    assert len(calls) == 1                                   # ... computing nothing
     save_file({"w": torch.randn(24, 12, generator=g)}, str(m))     # later weights
     before = snapshot(tmp_path / "out")
     with pytest.raises(ValueError, match="other weights"):
         ablate(sweep, tmp_path / "out", workers=1, progress=False, figures=False)
     assert snapshot(tmp_path / "out") == before
-    assert doc["cells"]
+    assert len(calls) == 1 and len(doc["cells"]) == 1
