@@ -37,7 +37,8 @@ from gatesim.sim.task import Task
 
 POLICIES = ("fp32", "bf16", "bf16+master")
 CFG = dict(rows=16, n_contexts=8, n_targets=2, batch=4, group=4, steps=6, eval_every=3,
-           k=2, alpha=0.1, lr=3e-4, policies=POLICIES, null_policies=("bf16",))
+           k=2, alpha=0.1, lr=3e-4, policies=POLICIES, null_policies=("bf16",),
+           mask="random", mask_density=0.7)   # some updates are exactly zero
 
 
 # --------------------------------------------------------------- numpy from the definitions
@@ -169,6 +170,8 @@ def test_the_emulated_weights_are_the_runs(cell):
     # and the run moved things: bf16 absorbed some entries and changed others
     bf = cell.res["policies"]["bf16"]["bitwise_sparsity"]
     assert 0.05 < bf < 0.95
+    # the mask leaves some updates exactly zero: non-zero counts differ from element counts
+    assert 0 < cell.emu["bf16"][2]["nonzero"] < cell.W0.size * cell.cfg.steps
 
 
 def expected_policy(cell, start, end, stats):
