@@ -46,8 +46,9 @@ def test_reduced_default_learns_and_the_kl_anchor_binds():
 
 
 def test_null_is_the_stream_permuted():
-    """The null's stored bf16+master weights equal bf16(W0 + s * acc[pi]) for the run's
-    accumulated update: a fixed permutation of where the updates land, nothing else."""
+    """The null is deterministic and moves stored weights. (That its stored weights are
+    the run's per-step updates permuted and sign-flipped is checked, metric by metric, on
+    an independent numpy emulation in test_sim_metrics.py.)"""
     cfg = CellConfig(**dict(REDUCED, steps=6, null_policies=("bf16+master",),
                             policies=("bf16+master",)))
     r1 = run_cell(cfg)
@@ -151,7 +152,10 @@ def test_ratio_quantiles_of_a_known_distribution():
     r = torch.tensor([2.0 ** -10] * 10 + [2.0 ** -4] * 80 + [2.0 ** 2] * 10)
     q = ratio_quantiles(_log2_hist(r).numpy())
     assert q["p50"] == pytest.approx(2.0 ** -4, rel=0.05)
-    assert 2.0 ** -10 <= q["p10"] <= 2.0 ** -4 and 2.0 ** -4 <= q["p90"] <= 2.0 ** 2.1
+    # p10 and p90 fall at the end of the 2**-10 and 2**-4 groups: inside their 1/16-octave
+    # bins (not just somewhere between the groups)
+    assert 2.0 ** -10 <= q["p10"] <= 2.0 ** (-10 + 1 / 16)
+    assert 2.0 ** -4 <= q["p90"] <= 2.0 ** (-4 + 1 / 16)
     assert hist_quantiles([0, 0], np.array([0.0, 1.0, 2.0]))["p50"] is None
 
 
