@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from gatesim.executor import ResultStore
 from gatesim.sim import CellConfig, Stream, mini_sweep, replay, run_cell
 from gatesim.sim.config import SweepConfig, load_sweep
 from gatesim.sim.run import _loss
-from gatesim.sim.sweep import RESULTS_SCHEMA, ablate
+from gatesim.sim.sweep import RESULTS_SCHEMA, ablate, cell_id
 from gatesim.sim.task import Task
 
 SMALL = dict(rows=64, n_contexts=16, n_targets=4, batch=4, group=4, steps=8, eval_every=4, k=4)
@@ -137,8 +138,29 @@ def test_end_to_end_cli(tmp_path, capsys):
             assert 0 <= p["bitwise_sparsity"] <= 1 and len(p["hist"]) == 34
             assert p["bitwise_sparsity"] == pytest.approx(1 - p["update_density"])
             assert p["absorbed_updates"] <= p["nonzero_updates"]
-    assert doc["jaccard"] and all(0 <= j["value"] <= 1 for j in doc["jaccard"])
-    assert doc["cross_frame"] and {j["geometry"] for j in doc["cross_frame"]} == {"rotated"}
+    # the sweep's Jaccards, recomputed with numpy from the mask files it wrote: J =
+    # |A & B| / |A | B| against pq / (p + q - pq) (the grid is seeds only, so a variant and
+    # a seed name one cell)
+    by = {(c["variant"], c["config"]["seed"]): c for c in doc["cells"]}
+
+    def mask(c, pol):
+        with np.load(run / "masks" / f"{cell_id(c['key'])}.npz") as z:
+            return np.unpackbits(z[pol])[:int(np.prod(z["shape"]))].astype(bool)
+
+    def check_jaccard(row, a, b):
+        p, q = a.mean(), b.mean()
+        assert p > 0 and q > 0
+        assert row["value"] == pytest.approx(np.count_nonzero(a & b) / np.count_nonzero(a | b),
+                                             rel=1e-12)
+        assert row["baseline"] == pytest.approx(p * q / (p + q - p * q), rel=1e-12)
+
+    assert doc["jaccard"] and doc["cross_frame"]
+    for j in doc["jaccard"]:
+        check_jaccard(j, *(mask(by[(j["variant"], s)], j["policy"]) for s in j["seeds"]))
+    assert {j["geometry"] for j in doc["cross_frame"]} == {"rotated"}
+    for j in doc["cross_frame"]:
+        check_jaccard(j, mask(by[(j["variant"], j["seed"])], j["policy"]),
+                      mask(by[(j["variant"].split("@")[0], j["seed"])], j["policy"]))
     assert doc["run_pairs"] and all(-1 <= r["cosine"] <= 1 for r in doc["run_pairs"])
     assert "Regime:" in out and "RLVR" in out
     assert "| variant | geometry |" in (run / "table.md").read_text()
