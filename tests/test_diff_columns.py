@@ -1,7 +1,7 @@
 """Every column of `gatesim diff` (the rows and the three summaries, in every output: the
 returned DataFrames, rows.csv, rows.parquet, rows.jsonl, summary_*.csv / .parquet and the
 summary the command prints) against values computed here, with plain numpy, from the
-definitions (docs/diff.md, docs/metrics.md, /work/shared/SCIENCE.md), on a small
+definitions (docs/diff.md, docs/metrics.md, docs/simulation.md), on a small
 hand-built pair of safetensors files: entries equal, moved by one ULP or more, +0 vs -0,
 NaN, inf, bf16 rounding ties, bf16 and fp32.
 

@@ -1,5 +1,5 @@
 """Every number of a simulation cell's results, recomputed with plain numpy from the
-definitions (/work/shared/SCIENCE.md, docs/metrics.md), and the sweep's cross-run Jaccard on
+definitions (docs/metrics.md, docs/simulation.md), and the sweep's cross-run Jaccard on
 hand-built masks.
 
 What is independent here:
