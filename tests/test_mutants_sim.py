@@ -1,0 +1,57 @@
+"""gatesim.sim internals: cell labels, the claims' text lines, a manifest field that is
+missing; written against hand-made inputs to kill mutants the mutation run
+(docs/mutation.md) found surviving."""
+import pytest
+
+from gatesim.sim.analysis import run_label
+from gatesim.sim.report import claims_text
+from gatesim.sim.stream import StreamError
+from test_hostile_streams import _manifest, _write_manifest, recorded, stream  # noqa: F401
+
+
+ANCHOR = {"algo": "grpo", "lr": 1e-3, "seed": 0, "clip": None, "inner_steps": 1}
+
+
+def _cell(variant, **changes):
+    return {"variant": variant, "config": dict(ANCHOR, **changes)}
+
+
+def test_run_label_names_what_differs_from_the_anchor_but_the_seed():
+    assert run_label(_cell("anchor"), ANCHOR) == "anchor"
+    assert run_label(_cell("anchor", seed=3), ANCHOR) == "anchor"        # seed ignored
+    assert run_label(_cell("v", lr=0.01, seed=2), ANCHOR) == "lr=0.01"
+    assert run_label(_cell("v", algo="sft", lr=0.01), ANCHOR) == "algo=sft,lr=0.01"
+
+
+def test_run_label_calls_clipped_multi_step_grpo_ppo():
+    c = _cell("v", clip=0.2, inner_steps=4, lr=0.01)
+    assert run_label(c, ANCHOR) == "lr=0.01,ppo"
+    # one inner step: the clip never binds, no "ppo"
+    assert run_label(_cell("v", clip=0.2), ANCHOR) == "clip=0.2"
+    # another algorithm: not PPO either
+    assert run_label(_cell("v", algo="reinforce", clip=0.2, inner_steps=4), ANCHOR) == \
+        "algo=reinforce,clip=0.2,inner_steps=4"
+
+
+def test_claims_text_lines():
+    doc = {"claims": [
+        {"name": "a", "verdict": "supported", "statistic": 0.123456, "lo": 0.1, "hi": 0.15,
+         "n": 3, "threshold": 0.05, "side": "above", "detail": "d1"},
+        {"name": "b", "verdict": "untestable", "statistic": None, "lo": None, "hi": None,
+         "n": 0, "threshold": 2, "side": "below", "detail": "d2"}]}
+    lines = claims_text(doc).split("\n")
+    assert lines == [
+        "  SUPPORTED    a: 0.1235 [0.1, 0.15] (n=3) vs threshold 0.05 (above)  d1",
+        "  UNTESTABLE   b: - vs threshold 2 (below)  d2"]
+    assert claims_text({}) == ""
+
+
+def test_missing_manifest_field_is_named(stream):  # noqa: F811
+    from gatesim.sim.stream import replay
+    m = _manifest(stream)
+    del m["init_checksum"]
+    _write_manifest(stream, m, reseal=True)
+    with pytest.raises(StreamError) as info:
+        replay(stream, "bf16")
+    assert info.value.field == "init_checksum"
+    assert str(info.value).endswith("init_checksum: missing")
