@@ -98,3 +98,31 @@ def test_plot_absorbed_fraction_is_nan_without_non_zero_updates(tmp_path, monkey
     plot_absorbed(read_log(p), tmp_path / "a.png")
     (line,) = [ln for ax in figs[0].axes for ln in ax.get_lines()]
     assert math.isnan(line.get_ydata()[0])
+
+
+def test_replaying_is_true_exactly_inside_the_shadow_steps():
+    """gatesim.tracking.replay.replaying(): True while a what-if replays a step (the
+    optimizer's own step function sees it set when it runs for a shadow optimizer), False
+    for the real steps and afterwards."""
+    import torch
+    from gatesim.tracking.replay import replaying
+    from test_track import Net, train
+
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append((self, replaying()))
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = Net(torch.bfloat16)
+    opt = Recording(model.parameters(), lr=1e-4, weight_decay=0.1)
+    _, _, tracker = train(torch.bfloat16, steps=2, model=model, optimizer=opt,
+                          track_kw=dict(what_if=["master"]))
+    tracker.close()
+    real = [flag for o, flag in seen if o is opt]
+    shadow = [flag for o, flag in seen if o is not opt]
+    assert real == [False, False]
+    assert shadow and all(shadow)
+    assert replaying() is False
