@@ -126,3 +126,38 @@ def test_replaying_is_true_exactly_inside_the_shadow_steps():
     assert real == [False, False]
     assert shadow and all(shadow)
     assert replaying() is False
+
+
+def test_records_describe_the_observed_storage_and_each_what_if(tmp_path):
+    """A record's (mode, master, kahan, format): the real storage is "observed" with neither
+    master nor Kahan, in the parameter's own format; a what-if carries its policy's."""
+    import torch
+    from test_track import train
+
+    log = tmp_path / "log.jsonl"
+    _, _, t = train(torch.bfloat16, steps=1,
+                    track_kw=dict(what_if=["master", "bf16_kahan"], log=log))
+    t.close()
+    df = read_log(log)
+    got = {pol: set(map(tuple, rows[["mode", "master", "kahan", "format"]].values.tolist()))
+           for pol, rows in df.groupby("policy")}
+    assert got["own"] == {("observed", False, False, "bf16")}
+    assert got["master"] == {("nearest_even", True, False, "bf16")}
+    assert got["bf16_kahan"] == {("nearest_even", False, True, "bf16")}
+
+
+def test_track_takes_options_and_keywords_replace_their_fields():
+    import torch
+    from gatesim.tracking import TrackOptions, track
+    from test_track import Net
+
+    opts = TrackOptions(what_if=["master"], every=3, on_error="raise")
+    model = Net(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = track(opt, opts, model=model)
+    try:
+        assert t.options.every == 3 and t.options.what_if == ["master"]
+        assert t.options.on_error == "raise" and t.options.model is model
+        assert list(t.what_ifs) == ["master"]
+    finally:
+        t.close()
