@@ -143,7 +143,7 @@ def test_records_describe_the_observed_storage_and_each_what_if(tmp_path):
            for pol, rows in df.groupby("policy")}
     assert got["own"] == {("observed", False, False, "bf16")}
     assert got["master"] == {("nearest_even", True, False, "bf16")}
-    assert got["bf16_kahan"] == {("nearest_even", False, True, "bf16")}
+    assert got["bf16+kahan"] == {("nearest_even", False, True, "bf16")}
 
 
 def test_track_takes_options_and_keywords_replace_their_fields():
