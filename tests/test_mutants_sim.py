@@ -55,3 +55,26 @@ def test_missing_manifest_field_is_named(stream):  # noqa: F811
         replay(stream, "bf16")
     assert info.value.field == "init_checksum"
     assert str(info.value).endswith("init_checksum: missing")
+
+
+def _arm(variant, seed, r0, r1, p50):
+    return {"variant": variant,
+            "config": {"seed": seed, "geometry": "real", "lr": 1e-4, "steps": 10, "rows": 64,
+                       "matrix": "M", "n_contexts": 8},
+            "trajectory": {"reward": [r0, 0.0, r1]}, "step_ratio": {"p50": p50}}
+
+
+def test_regime_line_reports_every_default_arm_with_its_seed_means():
+    from gatesim.sim.report import regime_line
+    doc = {"cells": [_arm("rl_clip", 0, 0.1, 0.3, 2.0), _arm("rl_clip", 1, 0.3, 0.5, 4.0),
+                     _arm("sft", 0, 0.2, 0.8, 10.0), _arm("other", 0, 1.0, 1.0, 1.0)],
+           "rlvr_reference": {"lrs": {"1e-06": {"p50": 0.01, "p10": 0.001, "p90": 0.1}}}}
+    line = regime_line(doc)
+    # rl_clip: rewards 0.2 -> 0.4 (means over the two seeds), x2.0, p50 3; sft: 0.2 -> 0.8
+    assert line == ("Regime: AdamW lr 0.0001, 10 steps, 64 rows of M, 8 contexts; "
+                    "rl_clip reward 0.200->0.400 (x2.0), step |u|/ulp p50 3; "
+                    "sft reward 0.200->0.800 (x4.0), step |u|/ulp p50 10. Typical RLVR (upper "
+                    "estimate lr/ulp_bf16(w) over MiniLM's weights): lr 1e-06: p50 0.01 "
+                    "(p10 0.001, p90 0.1).")
+    assert regime_line({"cells": [_arm("other", 0, 1, 1, 1)]}).startswith(
+        "Regime: no rl_kl/rl_nokl/rl_clip/sft cells")
