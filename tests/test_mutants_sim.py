@@ -78,3 +78,37 @@ def test_regime_line_reports_every_default_arm_with_its_seed_means():
                     "(p10 0.001, p90 0.1).")
     assert regime_line({"cells": [_arm("other", 0, 1, 1, 1)]}).startswith(
         "Regime: no rl_kl/rl_nokl/rl_clip/sft cells")
+
+
+@pytest.fixture(scope="module")
+def mini_doc(tmp_path_factory):
+    import json
+    from gatesim.cli import main as cli_main
+    from gatesim.sim import mini_sweep
+    d = tmp_path_factory.mktemp("mini")
+    (d / "sweep.json").write_text(json.dumps(mini_sweep("md").to_dict()))
+    assert cli_main(["ablate", str(d / "sweep.json"), "--out", str(d / "out"), "--workers",
+                     "1", "--quiet"]) == 0
+    return d / "out" / "md"
+
+
+def test_report_tables_are_well_formed_markdown(mini_doc):
+    """Every table of table.md: a header, a |---| rule with one cell per column, then rows
+    that start with "| ", end with " |" and have the header's number of cells (cells are
+    " | " apart: a "|u|" inside a cell is not a separator)."""
+    lines = (mini_doc / "table.md").read_text().splitlines()
+    tables, cur = [], []
+    for ln in lines + [""]:
+        if ln.startswith("|") or (cur and ln.strip().startswith("|")):
+            cur.append(ln)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    assert len(tables) >= 4
+    for t in tables:
+        assert len(t) >= 3, t
+        ncol = t[0].count(" | ") + 1
+        assert set(t[1].replace("|", "").replace(":", "")) <= {"-"} and t[1].count("|") == ncol + 1
+        for row in t[:1] + t[2:]:
+            assert row.startswith("| ") and row.endswith(" |"), row
+            assert len(row[2:-2].split(" | ")) == ncol, (row, ncol)   # cells: " | " apart
