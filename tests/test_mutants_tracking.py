@@ -161,3 +161,27 @@ def test_track_takes_options_and_keywords_replace_their_fields():
         assert list(t.what_ifs) == ["master"]
     finally:
         t.close()
+
+
+def test_a_parameter_keeps_its_name_when_its_group_changes():
+    """Without a model, a parameter is named by its place when first seen
+    ("group<i>.param<j>") and keeps that name: removing an earlier parameter from the group
+    does not rename the ones after it."""
+    import torch
+    from gatesim.tracking import track
+
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    opt = torch.optim.SGD([a, b, c], lr=0.1)
+    t = track(opt, on_error="raise")
+    try:
+        for p in (a, b, c):
+            p.grad = torch.ones(3)
+        opt.step()
+        assert {k[0] for k in t.last_stats} == {"group0.param0", "group0.param1",
+                                                "group0.param2"}
+        opt.param_groups[0]["params"].remove(a)
+        t.last_stats.clear()
+        opt.step()
+        assert {k[0] for k in t.last_stats} == {"group0.param1", "group0.param2"}
+    finally:
+        t.close()
