@@ -3,7 +3,7 @@
 Reads mutmut's result files (mutants/gatesim/**/*.py.meta) and the equivalent mutants listed
 in docs/mutation.md (lines "- `gatesim.MODULE.x_function__mutmut_N`: reason"), and prints a
 markdown table: per module the mutants, killed (timeouts included), survived, no tests,
-equivalent (survivors listed as such), not run yet, and the kill rate: killed over killed +
+equivalent (listed as such; one that timed out on a loaded machine too), not run yet, and the kill rate: killed over killed +
 survived + no tests (the mutants that ran, less the equivalent ones). --survivors lists the survivors not triaged yet.
 """
 import argparse
@@ -106,8 +106,8 @@ def main(argv=None):
         if mod is None:
             continue
         st = status(code)
-        if st == "survived" and name in equiv:
-            st = "equivalent"
+        if name in equiv and st in ("survived", "killed"):
+            st = "equivalent"     # a listed one is equivalent even if it timed out here
         elif st == "survived":
             open_survivors.append(name)
         table[mod]["mutants"] += 1
