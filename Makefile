@@ -2,7 +2,7 @@
 #   make test   create .venv, install everything, build the extension, run the tests
 #   make demo   same set-up, then run the main job on the bundled MiniLM weights
 # Other targets: make build, make bench (timings -> BENCHMARKS.md), make mutation (mutation
-# testing, hours: docs/mutation.md), make clean.
+# testing, days for everything: docs/mutation.md), make clean.
 
 PY ?= python3
 VENV := .venv
@@ -61,18 +61,20 @@ bench: build
 	  else echo "bench: no GPU, the cuda suite is skipped"; fi; \
 	done
 
-# Mutation testing (docs/mutation.md): not part of `make test` (a full run takes hours).
+# Mutation testing (docs/mutation.md): not part of `make test` (a full run takes days on 2
+# cores; a module or a random sample, hours).
 # Installs the pinned mutmut (requirements-mutation.txt) into .venv, then runs it on the
 # modules and tests set in pyproject.toml's [tool.mutmut]; results persist in mutants/, so
 # a second `make mutation` resumes where the first stopped. MUTANTS picks some, by mutmut's
-# name globs, e.g. make mutation MUTANTS='gatesim.optim.*'; MUTATION_JOBS sets the number
-# of mutants run at a time (default: one per core). `$(BIN)/mutmut results` lists the
-# survivors, `$(BIN)/mutmut show NAME` prints one's diff.
+# name globs, e.g. make mutation MUTANTS='gatesim.optim.*' (set -f: the globs reach mutmut
+# unexpanded); MUTATION_JOBS sets the number of mutants run at a time (default: one per
+# core). `$(BIN)/mutmut results` lists the survivors, `$(BIN)/mutmut show NAME` prints
+# one's diff.
 MUTANTS ?=
 MUTATION_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 mutation: build
 	$(PIP) -r requirements-mutation.txt
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	set -f; OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
 	$(BIN)/python tools/mutation_summary.py
 
 clean:

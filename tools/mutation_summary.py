@@ -1,7 +1,8 @@
 """Per-module summary of a mutmut run (make mutation; docs/mutation.md).
 
 Reads mutmut's result files (mutants/gatesim/**/*.py.meta) and the equivalent mutants listed
-in docs/mutation.md (lines "- `gatesim.MODULE.x_function__mutmut_N`: reason"), and prints a
+in docs/mutation.md (the list under "**Equivalent**": lines
+"- `gatesim.MODULE.x_function__mutmut_N`: reason"), and prints a
 markdown table: per module the mutants, killed (timeouts included), survived, no tests,
 equivalent (listed as such; one that timed out on a loaded machine too), not run yet, and the kill rate: killed over killed +
 survived + no tests (the mutants that ran, less the equivalent ones). --survivors lists the survivors not triaged yet.
@@ -36,7 +37,11 @@ def status(code):
 def equivalent_names(doc=ROOT / "docs" / "mutation.md"):
     if not doc.exists():
         return set()
-    return set(re.findall(r"^- `(gatesim\.[\w.ǁ]+__mutmut_\d+)`", doc.read_text("utf-8"), re.M))
+    text = doc.read_text("utf-8")
+    # only the list under "**Equivalent**", up to the next bold heading
+    m = re.search(r"^\*\*Equivalent\*\*.*?$(.*?)(?=^\*\*|\Z)", text, re.M | re.S)
+    part = m.group(1) if m else ""
+    return set(re.findall(r"^- `(gatesim\.[\w.ǁ]+__mutmut_\d+)`", part, re.M))
 
 
 def results(mutants=ROOT / "mutants"):
