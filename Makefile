@@ -1,7 +1,8 @@
 # gatesim: two commands do all set-up on a fresh clone.
 #   make test   create .venv, install everything, build the extension, run the tests
 #   make demo   same set-up, then run the main job on the bundled MiniLM weights
-# Other targets: make build, make bench (timings -> BENCHMARKS.md), make clean.
+# Other targets: make build, make bench (timings -> BENCHMARKS.md), make mutation (mutation
+# testing, days for everything: docs/mutation.md), make clean.
 
 PY ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ EXT_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') s
 EXT_STAMP := gatesim/.built
 PYTEST_ARGS ?=
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench mutation clean
 
 setup: $(STAMP)
 
@@ -60,5 +61,21 @@ bench: build
 	  else echo "bench: no GPU, the cuda suite is skipped"; fi; \
 	done
 
+# Mutation testing (docs/mutation.md): not part of `make test` (a full run takes days on 2
+# cores; a module or a random sample, hours).
+# Installs the pinned mutmut (requirements-mutation.txt) into .venv, then runs it on the
+# modules and tests set in pyproject.toml's [tool.mutmut]; results persist in mutants/, so
+# a second `make mutation` resumes where the first stopped. MUTANTS picks some, by mutmut's
+# name globs, e.g. make mutation MUTANTS='gatesim.optim.*' (set -f: the globs reach mutmut
+# unexpanded); MUTATION_JOBS sets the number of mutants run at a time (default: one per
+# core). `$(BIN)/mutmut results` lists the survivors, `$(BIN)/mutmut show NAME` prints
+# one's diff.
+MUTANTS ?=
+MUTATION_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+mutation: build
+	$(PIP) -r requirements-mutation.txt
+	set -f; OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(BIN)/python tools/mutation_summary.py
+
 clean:
-	rm -rf build gatesim/_C*.so gatesim.egg-info $(EXT_STAMP) .pytest_cache .benchmarks
+	rm -rf build gatesim/_C*.so gatesim.egg-info $(EXT_STAMP) .pytest_cache .benchmarks mutants
