@@ -34,7 +34,7 @@ condition number): rounding level for the leading values, ``sqrt(tau) sigma_1`` 
 1.3e-6 sigma_1 at 4096 x 11008) for values near zero. A full ``gesdd`` has
 ``|sigma_i' - sigma_i| <= tau sigma_1`` for every ``i`` (same ``tau``). The errors measured in
 ``tests/test_metrics_gram.py`` (random, clustered, tiny, rank-deficient, all-positive; fp32 and
-bf16 inputs) stayed below 1/5 of these bounds.
+bf16 inputs) stayed below 1/3 of these bounds.
 
 **Guards and fallbacks.** A quantity is taken from the Gram path only where the bound above
 keeps it within :data:`RTOL` (relative); otherwise the full SVD is used for it:
@@ -42,7 +42,7 @@ keeps it within :data:`RTOL` (relative); otherwise the full SVD is used for it:
 * top-``k`` triplets: when ``sigma_k < 1e-4 sigma_1`` (:data:`FALLBACK_RATIO`; ``U_k = A V_k /
   sigma_k`` would lose digits) or ``W = 0``, :func:`gram_svd` returns the full SVD;
 * NSS (:func:`nss_checked`, every singular value of ``W0`` and ``W1``): its error bound from
-  the per-value bounds (module ``nss_bound``) must be at most ``RTOL * NSS``; otherwise both
+  the per-value bounds (:func:`nss_bound`) must be at most ``RTOL * NSS``; otherwise both
   spectra are taken from ``gesdd`` (values only) and NSS is then within the full SVD's bound
   ``(||e0 + e1|| + NSS ||e0||) / (||sigma(W0)|| - ||e0||)``, ``e = tau sigma_1``;
 * the update's effective rank (:func:`gram_values`): when the bound on its relative error
