@@ -62,12 +62,16 @@ import ctypes
 import dataclasses
 import math
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from gatesim.metrics._scratch import buffer
+
+if TYPE_CHECKING:                       # gatesim.metrics.svd imports this module lazily
+    from gatesim.metrics.svd import BaseSVD
+
 __all__ = ["gram_svd", "gram_values", "gram_tau", "value_bounds", "nss_bound",
            "nss_checked", "erank_bound", "FALLBACK_RATIO", "RTOL", "UNIT_ROUNDOFF"]
 

@@ -2,15 +2,16 @@
 base matrix and cached; randomized only on request, with guarded settings and an error
 estimate.
 
-**Exact path.** When :func:`compute_svd` is asked for only the leading ``keep``
-singular vectors (``keep=``, as :func:`gatesim.metrics.compare` does with ``keep=k``) and
-the matrix is on the CPU, its default backend is ``"gram"`` (:func:`base_svd`, whose cached
-results serve every later request, defaults to ``"torch"``; pass ``backend="gram"``): every singular value and the top-``keep`` vectors from the
-eigendecomposition of the smaller Gram matrix, :func:`gatesim.metrics.gram.gram_svd`, the
-checkpoint diff's path, with its stated error bound per singular value (``tau sigma_1^2 /
-(2 sigma_i)``, ``tau = (m + n) 2^-53``) and its fallbacks to the full SVD. Otherwise (all
-vectors, ``backend="torch"``/``"scipy"``, CUDA) the matrix is converted to float64 (exact
-for every stored format) and decomposed with LAPACK's divide-and-conquer SVD (``gesdd``) through
+**Exact path.** When :func:`compute_svd` is asked for only the leading ``keep`` singular
+vectors (``keep=``, as :func:`gatesim.metrics.compare` does with ``keep=k``) and the matrix
+is on the CPU, its default backend is ``"gram"``: every singular value and the top-``keep``
+vectors from the eigendecomposition of the smaller Gram matrix
+(:func:`gatesim.metrics.gram.gram_svd`, the checkpoint diff's path), with its stated error
+bound per singular value (about ``tau sigma_1^2 / (2 sigma_i)``, ``tau = (m + n) 2^-53``) and
+its fallbacks to the full SVD. :func:`base_svd`, whose cached results serve every later
+request, defaults to ``"torch"`` (pass ``backend="gram"`` for the Gram path). Otherwise (all
+vectors, ``backend="torch"``/``"scipy"``, CUDA) the matrix is converted to float64 (exact for
+every stored format) and decomposed with LAPACK's divide-and-conquer SVD (``gesdd``) through
 ``torch.linalg.svd(full_matrices=False)`` (torch's MKL build); a wide matrix (m < n) is
 decomposed as its transpose, which torch's ``gesdd`` path handles about 2x faster.
 Measured on this project's shared 2-core AMD EPYC (Zen 4) machine (README, "Metrics"):
