@@ -288,7 +288,7 @@ def write_markdown(path: Path, r: dict) -> None:
         L += [f"Full diff: {f['matrices']} matrices with NSS, principal angles (k = 64), "
               f"energy and mask overlaps (alpha = 0.05); exact SVD path `gram` "
               f"(all singular values and the top-k vectors from a LAPACK eigendecomposition "
-              f"of the smaller Gram matrix; `gatesim/diff/gram.py`), {f['svd_s']:.0f} s of "
+              f"of the smaller Gram matrix; `gatesim/metrics/gram.py`), {f['svd_s']:.0f} s of "
               f"the per-worker time in decompositions. Target: under 15 minutes on 2 cores "
               f"({'met' if f['diff_s'] < 900 else 'NOT met'}: {f['diff_s'] / 60:.1f} min). "
               f"Median NSS {f['nss_median']:.2e}, largest angle {f['angle_max']:.2f} degrees "

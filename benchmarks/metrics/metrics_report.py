@@ -160,8 +160,6 @@ def _fmt(v, spec=".1f") -> str:
 def report(results: List[Dict[str, object]], args: argparse.Namespace) -> str:
     import torch
 
-    import gatesim.metrics.svd as gsvd
-
     lines = [
         "## Metrics (issue 4): full metric set per matrix",
         "",
@@ -171,9 +169,10 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> str:
         "masks with their overlaps - on one fp32 matrix pair: W0 ~ N(0, 0.02), W1 = W0 + D, "
         f"D ~ N(0, {UPDATE_STD:g}) on {UPDATE_DENSITY:.0%} of the entries (fixed seeds). "
         f"k = {args.k}, alpha = {args.alpha}. Each case runs once in a fresh process (no "
-        "cached SVD); stage times come from the row's `t_*` columns. Exact: float64 "
-        f"LAPACK gesdd via torch (backend `{gsvd.DEFAULT_CPU_BACKEND}`) for W0 and W1 and "
-        "the singular values of D. Randomized: q = 2k, niter = 8 (the enforced minimum) for "
+        "cached SVD); stage times come from the row's `t_*` columns. Exact: the Gram path "
+        "of `gatesim/metrics/gram.py` (the checkpoint diff's: every singular value and the "
+        "top-k vectors from the float64 Gram matrix's eigendecomposition, with its error "
+        "bounds and gesdd fallbacks) for W0 and W1 and the singular values of D. Randomized: q = 2k, niter = 8 (the enforced minimum) for "
         "W0, W1 and D; its NSS and update ranks then cover only the top q singular values. "
         "The yardstick is one plain `torch.linalg.svd(W0, full_matrices=False)` in fp32 in "
         "the same process (what a user writes today; it gives none of the metrics).",

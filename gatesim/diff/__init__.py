@@ -14,7 +14,7 @@ callable (``gatesim.diff(...)`` is :func:`gatesim.diff.core.diff`).
   ``torch.load(weights_only=True, mmap=True)`` for ``.bin``), one tensor at a time;
 * :mod:`~gatesim.diff.names`: layer index and module kind from a name; the prefix map;
 * :mod:`~gatesim.diff.scan`: the one-pass bitwise count and gather;
-* :mod:`~gatesim.diff.gram`: exact top-k singular vectors and all singular values;
+* :mod:`~gatesim.diff.gram` (home: :mod:`gatesim.metrics.gram`): exact top-k singular vectors and all singular values;
 * :mod:`~gatesim.diff.matrix`: the spectral and mask metrics of one matrix pair;
 * :mod:`~gatesim.diff.core`: the per-tensor pure function and the driver;
 * :mod:`~gatesim.diff.resume`: the output folder: run identity, resume checks;

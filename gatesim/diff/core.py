@@ -41,10 +41,11 @@ a small part of the space); ``k=`` fixes it (capped at ``min(m, n)``). Default
 ``alpha = 0.05`` (the 5% largest / smallest entries), the default of
 :func:`gatesim.metrics.compare`.
 
-**SVD** (``svd=``): ``"gram"`` (default) is :func:`gatesim.diff.gram.gram_svd`: every
-singular value and the top-``k`` vectors from a direct eigendecomposition of the smaller
-Gram matrix, no sampling (see its docstring for the accuracy, which the tests check against
-a full SVD); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compute_svd`
+**SVD** (``svd=``): ``"gram"`` (default) is :func:`gatesim.metrics.gram.gram_svd` (one home
+with :func:`gatesim.metrics.compare`): every singular value and the top-``k`` vectors from a
+direct eigendecomposition of the smaller Gram matrix, no sampling (see its docstring for the
+error bound per singular value, which the tests check, and the guards: NSS takes both
+spectra from ``gesdd`` where that bound could exceed 1e-4 of it); ``"full"`` uses the full LAPACK SVD of :func:`gatesim.metrics.compute_svd`
 (about 5..15x slower here). Randomized SVD is not offered (docs/metrics.md, "SVD
 engine").
 

@@ -1,7 +1,8 @@
 """The spectral and mask metrics of one matrix pair, at checkpoint scale.
 
 Definitions are those of :mod:`gatesim.metrics` (docs/metrics.md); this module feeds the
-metrics' unchecked cores the decompositions of :func:`gatesim.diff.gram.gram_svd` and the
+metrics' unchecked cores the decompositions of :func:`gatesim.metrics.gram.gram_svd` (NSS
+through its guard :func:`gatesim.metrics.gram.nss_checked`) and the
 diff's reused scratch buffers. The cores skip the per-call checks of the public metric
 functions (the diff checked finiteness once, in its scan), select masks with
 ``numpy.partition`` and count with ``numpy.count_nonzero``: on a 16384 x 1024 bf16 pair,
@@ -24,7 +25,7 @@ from gatesim.diff._scratch import buffer
 from gatesim.metrics.masks import (low_magnitude_mask_core, overlap_core,
                                    overlap_excluding_core, principal_mask_core)
 from gatesim.metrics.sparsity import update_mask_core
-from gatesim.metrics.spectral import (energy_baseline, nss_core, principal_angles_core,
+from gatesim.metrics.spectral import (energy_baseline, principal_angles_core,
                                       update_energy_core)
 from gatesim.metrics.svd import BaseSVD, compute_svd
 
@@ -43,7 +44,7 @@ def matrix_metrics(W0: torch.Tensor, W1: torch.Tensor, k: int, alpha: float, *,
     """Every spectral and mask column of a diff row for the finite matrices ``W0, W1``."""
     t0 = time.perf_counter()
     if svd == "gram":
-        from gatesim.diff.gram import gram_svd
+        from gatesim.metrics.gram import gram_svd
         s0, s1 = gram_svd(W0, k, name="W0"), gram_svd(W1, k, name="W1")
     else:
         s0 = compute_svd(W0, keep=k, name="W0")
@@ -51,9 +52,10 @@ def matrix_metrics(W0: torch.Tensor, W1: torch.Tensor, k: int, alpha: float, *,
     tsvd = time.perf_counter() - t0
     m, n = W0.shape
     ang = principal_angles_core(s0, s1, k)
-    from gatesim.diff.gram import _rows64
+    from gatesim.metrics.gram import _rows64, nss_checked
     energy, normF = update_energy_core(W0, W1, s0, k, rows64=_rows64)
-    row = dict(spectral="ok", k=k, alpha=alpha, nss=nss_core(s0.S, s1.S),
+    nss, _, _, _ = nss_checked(W0, W1, s0, s1)     # gesdd values where the Gram bound is loose
+    row = dict(spectral="ok", k=k, alpha=alpha, nss=nss,
                angle_left_max_deg=ang.left_max, angle_right_max_deg=ang.right_max,
                angles_left_deg=_angles_json(ang.left),
                angles_right_deg=_angles_json(ang.right),

@@ -15,6 +15,9 @@ would have accepted.
 * Sparsity (:mod:`~gatesim.metrics.sparsity`): :func:`sparsity` (bitwise, relative probe,
   absolute tolerance, ULP histogram in one :class:`SparsityResult`), :func:`update_mask`,
   :func:`ulp_keys`, :func:`ulp_distance`, :func:`ulp_histogram`.
+* Gram path (:mod:`~gatesim.metrics.gram`, shared with ``gatesim.diff``): every singular
+  value and the top-``k`` vectors from the Gram matrix, per-value error bounds, and the
+  guards that fall back to ``gesdd``; :func:`compare`'s exact default.
 * SVD engine (:mod:`~gatesim.metrics.svd`): :func:`base_svd` (exact by default, cached;
   randomized on request with ``q >= 2k``, ``niter >= 8`` enforced and error estimates),
   :class:`BaseSVD`, :class:`SVDCache`, :func:`singular_values`.

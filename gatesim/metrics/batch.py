@@ -3,9 +3,12 @@
 :func:`compare` computes, for ``W0 -> W1``: every sparsity (bitwise, relative probe, atol)
 with the ULP histogram; NSS, principal angles, top-``k`` energy and the update's ranks;
 the principal and low-magnitude masks and the update mask's overlaps with them, every
-number next to its random baseline. It decomposes ``W0`` and ``W1`` once each (exact by
-default; ``method="randomized"`` with the guarded settings of :func:`base_svd`) and
-hands the decompositions to every metric. :func:`table` does that for many matrices and
+number next to its random baseline. It decomposes ``W0`` and ``W1`` once each and hands
+the decompositions to every metric: exact by default, through the checkpoint diff's Gram
+path (:mod:`gatesim.metrics.gram`: every singular value and the top-``k`` vectors, with its
+stated error bounds and its fallbacks to ``gesdd`` where NSS, the update's effective rank or
+the top-``k`` triplets need them); ``method="randomized"`` with the guarded settings of
+:func:`base_svd`. :func:`table` does that for many matrices and
 returns a pandas DataFrame with one row per matrix, with a tqdm progress bar.
 """
 from __future__ import annotations
@@ -48,7 +51,8 @@ def compare(W0: torch.Tensor, W1: torch.Tensor, *, k: int = 64, alpha: float = 0
     Columns (besides the settings): ``sparsity_*``, ``update_density``, ``ulp_*`` bins;
     ``nss``, ``angle_left_max_deg``, ``angle_right_max_deg``, ``energy_topk`` and
     ``energy_topk_baseline``, ``update_erank``, ``update_srank``, ``update_norm2``,
-    ``update_normF``, ``gap_k``, ``wedin_bound``; ``overlap_principal``,
+    ``update_normF``, ``gap_k``, ``wedin_bound``, ``nss_bound`` (bound on NSS's absolute
+    error), ``spectral_values`` (where the values of W0/W1/Delta came from); ``overlap_principal``,
     ``overlap_low``, ``overlap_principal_not_low`` each with ``_baseline`` (the update
     density) and ``_ratio``, plus ``overlap_principal_not_low_cond_baseline``; the SVD
     error estimates ``svd0_*``, ``svd1_*``; wall times ``t_sparsity``, ``t_svd`` (W0 and

@@ -64,14 +64,21 @@ def nss(W0: torch.Tensor, W1: torch.Tensor, *, svd0: Optional[BaseSVD] = None,
     (docs/metrics.md, "Normalized spectral shift").
 
     With randomized ``svd0``/``svd1`` only their top ``q`` values enter (both sides use
-    the same count, the smaller of the two).
+    the same count, the smaller of the two). With Gram decompositions
+    (:func:`gatesim.metrics.gram.gram_svd`) the spectra come from ``gesdd`` instead when
+    the Gram error bound could exceed ``1e-4`` of NSS
+    (:func:`gatesim.metrics.gram.nss_checked`).
 
     Raises:
         ValueError: shape/device/dtype mismatch, non-2-D or non-finite inputs, ``W0 = 0``.
     """
     _pair(W0, W1)
-    s0 = singular_values(W0, svd=_svd_arg(svd0, W0, "svd0"))
-    s1 = singular_values(W1, svd=_svd_arg(svd1, W1, "svd1"))
+    svd0, svd1 = _svd_arg(svd0, W0, "svd0"), _svd_arg(svd1, W1, "svd1")
+    if svd0 is not None and svd1 is not None and "gram" in (svd0.values, svd1.values):
+        from gatesim.metrics.gram import nss_checked
+        return nss_checked(W0, W1, svd0, svd1)[0]       # guarded: gatesim.metrics.gram
+    s0 = singular_values(W0, svd=svd0)
+    s1 = singular_values(W1, svd=svd1)
     return nss_core(s0, s1)
 
 
@@ -204,7 +211,7 @@ _ENERGY_BLOCK = 1 << 21
 
 def _rows_float64(W: torch.Tensor, s: int, e: int, slot: str) -> torch.Tensor:
     """Rows ``s:e`` of ``W`` as a new float64 tensor (``slot`` names a reusable buffer in
-    :func:`gatesim.diff.gram._rows64`; here every call allocates)."""
+    :func:`gatesim.metrics.gram._rows64`; here every call allocates)."""
     return W[s:e].to(torch.float64, copy=True)
 
 
@@ -274,6 +281,10 @@ class SpectralResult:
         wedin_bound: ``||Delta||_2 / (sigma_k(W1) - sigma_{k+1}(W0))``, Wedin's bound on
             ``sin(theta_max)`` (``inf`` when the denominator is not positive).
         method: ``"exact"`` or ``"randomized"``.
+        nss_bound: bound on NSS's absolute error from the exact spectra's per-value error
+            bounds (:func:`gatesim.metrics.gram.nss_bound`); None for randomized.
+        values: where the singular values of W0 / W1 / Delta came from (``"gram"``,
+            ``"gesdd"``, ``"randomized"``), e.g. ``"gram/gram/gram"``.
     """
 
     k: int
@@ -289,6 +300,8 @@ class SpectralResult:
     gap_k: float
     wedin_bound: float
     method: str
+    nss_bound: Optional[float] = None
+    values: Optional[str] = None
 
     def to_dict(self) -> dict:
         out = {"k": self.k, "nss": self.nss, "nss_values": self.nss_values}
@@ -297,7 +310,8 @@ class SpectralResult:
         out.update({"update_erank": self.update_erank, "update_srank": self.update_srank,
                     "update_values": self.update_values, "update_norm2": self.update_norm2,
                     "update_normF": self.update_normF, "gap_k": self.gap_k,
-                    "wedin_bound": self.wedin_bound, "spectral_method": self.method})
+                    "wedin_bound": self.wedin_bound, "spectral_method": self.method,
+                    "nss_bound": self.nss_bound, "spectral_values": self.values})
         return out
 
 
@@ -308,7 +322,10 @@ def spectral(W0: torch.Tensor, W1: torch.Tensor, k: int, *, method: str = "exact
     """All spectral metrics of ``W0 -> W1`` at subspace dimension ``k``.
 
     ``method="exact"`` uses full SVDs of ``W0`` and ``W1`` (cached) and the singular
-    values of ``Delta``; ``method="randomized"`` uses guarded randomized SVDs (``q``,
+    values of ``Delta`` (with Gram decompositions passed in, as :func:`gatesim.metrics.compare`
+    does, ``Delta``'s values come from its Gram matrix too, and NSS and the effective rank
+    fall back to ``gesdd`` values where the Gram bound is above ``1e-4`` relative:
+    :mod:`gatesim.metrics.gram`); ``method="randomized"`` uses guarded randomized SVDs (``q``,
     ``niter``, ``seed``, ``unsafe`` as in :func:`base_svd`) of all three, so NSS and the
     update's ranks then cover only the top ``q`` singular values (``nss_values``,
     ``update_values`` say how many).
@@ -321,15 +338,24 @@ def spectral(W0: torch.Tensor, W1: torch.Tensor, k: int, *, method: str = "exact
     s1 = _svd_arg(svd1, W1, "svd1") or base_svd(W1, name="W1", **kw)
     D = _delta(W0, W1)
     normF = float(torch.linalg.matrix_norm(D))
-    if method == "exact":
-        sD = singular_values(D)
+    nss_b, dsrc = None, None
+    fast = "gram" in (s0.values, s1.values)
+    if method == "exact" and fast and D.device.type == "cpu":
+        from gatesim.metrics.gram import gram_values
+        sD, dsrc = gram_values(D)
+    elif method == "exact":
+        sD, dsrc = singular_values(D), "gesdd"
     elif normF > 0:
         sD = compute_svd(D, name="Delta", keep=1, **kw).S
     else:
         sD = torch.zeros(1, dtype=torch.float64)
     r = min(s0.S.numel(), s1.S.numel())
     try:
-        nss_v = nss_core(s0.S, s1.S)
+        if method == "exact":
+            from gatesim.metrics.gram import nss_checked
+            nss_v, nss_b, s0, s1 = nss_checked(W0, W1, s0, s1)
+        else:
+            nss_v = nss_core(s0.S, s1.S)
     except ValueError:           # W0 = 0: spectral() reports NaN instead of raising
         nss_v = math.nan
     norm2 = float(sD[0])
@@ -343,4 +369,5 @@ def spectral(W0: torch.Tensor, W1: torch.Tensor, k: int, *, method: str = "exact
         update_erank=_erank_from_values(sD), update_srank=(normF ** 2 / norm2 ** 2
                                                            if norm2 > 0 else math.nan),
         update_values=sD.numel(), update_norm2=norm2, update_normF=normF, gap_k=gap,
-        wedin_bound=wedin, method=method)
+        wedin_bound=wedin, method=method, nss_bound=nss_b,
+        values=f"{s0.values}/{s1.values}/{dsrc or 'randomized'}")

@@ -2,8 +2,16 @@
 base matrix and cached; randomized only on request, with guarded settings and an error
 estimate.
 
-**Exact path.** The matrix is converted to float64 (exact for every stored format) and
-decomposed with LAPACK's divide-and-conquer SVD (``gesdd``) through
+**Exact path.** When :func:`compute_svd` is asked for only the leading ``keep`` singular
+vectors (``keep=``, as :func:`gatesim.metrics.compare` does with ``keep=k``) and the matrix
+is on the CPU, its default backend is ``"gram"``: every singular value and the top-``keep``
+vectors from the eigendecomposition of the smaller Gram matrix
+(:func:`gatesim.metrics.gram.gram_svd`, the checkpoint diff's path), with its stated error
+bound per singular value (about ``tau sigma_1^2 / (2 sigma_i)``, ``tau = (m + n) 2^-53``) and
+its fallbacks to the full SVD. :func:`base_svd`, whose cached results serve every later
+request, defaults to ``"torch"`` (pass ``backend="gram"`` for the Gram path). Otherwise (all
+vectors, ``backend="torch"``/``"scipy"``, CUDA) the matrix is converted to float64 (exact for
+every stored format) and decomposed with LAPACK's divide-and-conquer SVD (``gesdd``) through
 ``torch.linalg.svd(full_matrices=False)`` (torch's MKL build); a wide matrix (m < n) is
 decomposed as its transpose, which torch's ``gesdd`` path handles about 2x faster.
 Measured on this project's shared 2-core AMD EPYC (Zen 4) machine (README, "Metrics"):
@@ -53,7 +61,7 @@ __all__ = ["BaseSVD", "SVDCache", "DEFAULT_CACHE", "base_svd", "singular_values"
            "clear_svd_cache", "METHODS", "BACKENDS", "MIN_NITER"]
 
 METHODS = ("exact", "randomized")
-BACKENDS = ("torch", "scipy")
+BACKENDS = ("torch", "scipy", "gram")
 #: Fastest exact CPU path measured on the project's machine (README, "Metrics").
 DEFAULT_CPU_BACKEND = "torch"
 #: The guard's minimum subspace iterations (and q >= 2k).
@@ -77,6 +85,9 @@ class BaseSVD:
         sketch_error, residual: randomized error estimates (module docstring); None for
             the exact path, whose residuals are at rounding level.
         seconds: wall time of the decomposition.
+        values: how :attr:`S` was computed: ``"gesdd"`` (full SVD), ``"gram"`` (Gram
+            eigenvalues; error bounds :func:`gatesim.metrics.gram.value_bounds`),
+            ``"randomized"``.
     """
 
     U: torch.Tensor
@@ -92,6 +103,7 @@ class BaseSVD:
     sketch_error: Optional[float] = None
     residual: Optional[float] = None
     seconds: float = 0.0
+    values: Optional[str] = None
 
     @property
     def full_spectrum(self) -> bool:
@@ -121,7 +133,7 @@ class BaseSVD:
         return {"svd_method": self.method, "svd_backend": self.backend, "svd_k": self.k,
                 "svd_q": self.q, "svd_niter": self.niter, "svd_seed": self.seed,
                 "svd_sketch_error": self.sketch_error, "svd_residual": self.residual,
-                "svd_seconds": self.seconds}
+                "svd_seconds": self.seconds, "svd_values": self.values}
 
 
 def _as64(W: torch.Tensor) -> torch.Tensor:
@@ -210,11 +222,19 @@ def compute_svd(W: torch.Tensor, *, method: str = "exact", k: Optional[int] = No
     m, n = W.shape
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    backend = DEFAULT_CPU_BACKEND if backend is None else backend
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if keep is not None:
         keep = check_k(keep, m, n, "keep")
+    if method == "exact" and W.device.type == "cpu" and (
+            backend == "gram" or (backend is None and keep is not None)):
+        if k is not None:
+            check_k(k, m, n)
+        from gatesim.metrics.gram import gram_svd
+        res = gram_svd(W, keep if keep is not None else min(m, n), name=name)
+        res.k = k
+        return res
+    backend = DEFAULT_CPU_BACKEND if backend in (None, "gram") else backend
     A = _as64(W)
     t0 = time.perf_counter()
     if method == "exact":
@@ -225,7 +245,7 @@ def compute_svd(W: torch.Tensor, *, method: str = "exact", k: Optional[int] = No
             U, Vh = U[:, :keep].clone(), Vh[:keep].clone()
         used = backend if A.device.type == "cpu" else "torch"
         return BaseSVD(U, S, Vh, (m, n), "exact", used, k=k,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, values="gesdd")
     k, q, niter = randomized_settings(k, q, niter, m, n, unsafe)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -234,7 +254,7 @@ def compute_svd(W: torch.Tensor, *, method: str = "exact", k: Optional[int] = No
         U, Vh = U[:, :keep].clone(), Vh[:keep].clone()
     return BaseSVD(U, S, Vh, (m, n), "randomized", "randomized", k=k, q=q, niter=niter,
                    seed=seed, sketch_error=sketch, residual=resid,
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, values="randomized")
 
 
 class SVDCache:
@@ -306,16 +326,19 @@ def base_svd(W: torch.Tensor, *, method: str = "exact", k: Optional[int] = None,
         seed: seed of the randomized test matrix.
         keep: retain only the leading ``keep`` singular vectors (memory); the exact
             spectrum is always complete.
-        backend: exact CPU path, ``"torch"`` (default, fastest measured) or ``"scipy"``.
+        backend: exact CPU path: ``"torch"`` (default), ``"scipy"`` or ``"gram"`` (Gram
+            eigendecomposition, module docstring; :func:`compute_svd`'s default when
+            ``keep`` is given).
         cache: ``True`` (the default cache), an :class:`SVDCache`, or ``False``/``None``.
 
     Raises:
         ValueError: non-2-D, empty or non-finite ``W``; ``k``/``keep`` out of range;
             randomized settings outside the guard (naming ``q`` or ``niter``).
     """
-    def compute():
+    def compute():   # cached results keep the full SVD's default ("torch") unless told
         return compute_svd(W, method=method, k=k, q=q, niter=niter, seed=seed,
-                           unsafe=unsafe, keep=keep, backend=backend, name=name)
+                           unsafe=unsafe, keep=keep, backend=backend or DEFAULT_CPU_BACKEND,
+                           name=name)
 
     if cache is True:
         cache = DEFAULT_CACHE
@@ -349,6 +372,9 @@ def singular_values(W: torch.Tensor, *, svd: Optional[BaseSVD] = None,
     backend = DEFAULT_CPU_BACKEND if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "gram":
+        from gatesim.metrics.gram import gram_values
+        return gram_values(W)[0]
     hit = DEFAULT_CACHE._d.get((id(W), "exact", backend))
     if hit is not None and hit[0]() is W and hit[1] == W._version:
         return hit[2].S
