@@ -47,8 +47,9 @@ def matrix_metrics(W0: torch.Tensor, W1: torch.Tensor, k: int, alpha: float, *,
         from gatesim.metrics.gram import gram_svd
         s0, s1 = gram_svd(W0, k, name="W0"), gram_svd(W1, k, name="W1")
     else:
-        s0 = compute_svd(W0, keep=k, name="W0")
-        s1 = compute_svd(W1, keep=k, name="W1")
+        # --svd full: the full gesdd, never the Gram path that compute_svd now defaults to
+        s0 = compute_svd(W0, keep=k, name="W0", backend="torch")
+        s1 = compute_svd(W1, keep=k, name="W1", backend="torch")
     tsvd = time.perf_counter() - t0
     m, n = W0.shape
     ang = principal_angles_core(s0, s1, k)
